@@ -1,0 +1,61 @@
+//! The admin endpoint: `/healthz` (the process answers) and `/readyz` (connected, CRDs present,
+//! controllers started). Metrics join it with the operations issue.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Readiness shared between the operator and the admin endpoint.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the operator ready (or not).
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    /// Whether the operator is ready.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Binds the admin endpoint; serve it with [`serve`].
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Answers admin requests until the task is dropped.
+pub async fn serve(listener: TcpListener, readiness: Readiness) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, readiness.clone()));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, readiness: Readiness) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, body) = match req.uri().path() {
+        "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
+        "/readyz" if readiness.get() => (StatusCode::OK, "ok\n"),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    Ok(response)
+}

@@ -1,0 +1,86 @@
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::Condition;
+
+/// A region: a failure domain with the object store that holds its images' bytes.
+///
+/// Cluster-scoped. Images name the region they live in with `spec.region`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ims.io",
+    version = "v1alpha1",
+    kind = "Region",
+    shortname = "rgn",
+    category = "ims",
+    status = "RegionStatus",
+    doc = "A region and the object store that holds its image bytes.",
+    printcolumn(name = "Store", type_ = "string", json_path = ".spec.storage.url"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Images", type_ = "integer", json_path = ".status.images"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionSpec {
+    /// Where this region keeps image bytes.
+    pub storage: RegionStorage,
+    /// A human-readable name for the region, e.g. "Europe West (Paris)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub display_name: Option<String>,
+    /// Largest image this region accepts, in GiB. Unset: the operator policy's limit.
+    #[serde(default, rename = "maxImageSizeGiB", skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_image_size_gib: Option<i64>,
+}
+
+/// The object store of a region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionStorage {
+    /// Store URL: `file:///var/lib/ims/<region>` (a directory on the operator's volume, the
+    /// embedded default) or `s3://bucket/prefix` for an S3-compatible store.
+    #[schemars(length(min = 1, max = 1024), pattern(r"^(file|s3)://.+$"))]
+    pub url: String,
+    /// S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or a MinIO/Ceph RGW address.
+    /// Only for `s3://` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), pattern(r"^https?://.+$"))]
+    pub endpoint: Option<String>,
+    /// Signing region of the S3 store (default `us-east-1`). Only for `s3://` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub s3_region: Option<String>,
+    /// Secret with the S3 credentials (keys `accessKeyID` and `secretAccessKey`).
+    /// Only for `s3://` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretReference>,
+}
+
+/// A reference to a Secret in the operator's namespace (`ims-system` by default): the operator
+/// reads Secrets only there.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), pattern(super::DNS_SUBDOMAIN))]
+    pub name: String,
+}
+
+/// Observed state of a region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionStatus {
+    /// `Ready`: the store answered a write, read-back and delete probe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Owned images (not references) stored in this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<i64>,
+    /// Bytes stored in this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<i64>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,300 @@
+//! The `ims-operator` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::Client;
+
+use crate::{
+    admin::{self, Readiness},
+    api,
+    controllers::{self, Context},
+    policy::{Policy, PolicyError},
+};
+
+/// ims-operator: a Kubernetes-native Image Management Service.
+///
+/// Tenants (namespaces) import disk images into regions, share them with other tenants, copy
+/// them to other regions and stay inside quotas, all declared with `kubectl apply`.
+#[derive(Parser, Debug)]
+#[command(name = "ims-operator", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for log pipelines. Filter with RUST_LOG
+    /// (default `info`).
+    #[arg(long, env = "IMS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions (YAML), or write them to a directory.
+    ///
+    /// Install them with `ims-operator crds | kubectl apply --server-side -f -`.
+    Crds {
+        /// Write one file per CRD (`<plural>.ims.io.yaml`) into this directory instead of
+        /// printing them.
+        #[arg(long, env = "IMS_CRDS_DIR")]
+        output_dir: Option<PathBuf>,
+    },
+    /// Run the operator against the cluster of KUBECONFIG, or the in-cluster config.
+    Run(RunArgs),
+}
+
+/// Flags of `run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The platform namespace: the only namespace whose images may be `visibility: Public`.
+    #[arg(long, env = "IMS_PUBLIC_NAMESPACE", default_value = "ims-public")]
+    pub public_namespace: String,
+    /// Policy file (YAML) overriding the default limits, e.g. `shareMembersPerImage: 256`.
+    /// Keys: privateImagesPerRegion, imageBytesPerRegion, concurrentImports,
+    /// concurrentCrossRegionCopies, shareMembersPerImage, fullServerShareMembersPerImage,
+    /// maxCrossRegionCopyGiB, maxImageSizeGiB.
+    #[arg(long, env = "IMS_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// How long to wait for the API server to answer at start-up, in seconds.
+    #[arg(long, env = "IMS_CONNECT_TIMEOUT", default_value_t = 10, value_name = "SECONDS")]
+    pub connect_timeout: u64,
+    /// Address of the admin endpoint (`/healthz`, `/readyz`).
+    #[arg(long, env = "IMS_ADMIN_ADDR", default_value = "0.0.0.0:8080", value_name = "ADDR")]
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// Why a command failed: each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The policy file is unusable.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// No cluster configuration was found or it is unusable.
+    #[error(
+        "no usable Kubernetes configuration: {0}\nhint: set KUBECONFIG to a kubeconfig file, run inside a cluster, or try `ims-operator local` which needs no cluster"
+    )]
+    Config(String),
+    /// The API server did not answer.
+    #[error(
+        "cannot reach the Kubernetes API server at {url}: {reason}\nhint: check KUBECONFIG and that the cluster is running"
+    )]
+    Unreachable {
+        /// Server URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The CRDs are not installed.
+    #[error(
+        "the ims.io CRDs are not installed in this cluster ({missing})\nhint: install them with `kubectl apply -k deploy/` or `ims-operator crds | kubectl apply --server-side -f -`"
+    )]
+    CrdsMissing {
+        /// What is missing.
+        missing: String,
+    },
+    /// The admin endpoint's address could not be bound.
+    #[error("cannot listen on {addr} for /healthz and /readyz: {source}\nhint: choose another --admin-addr")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Files could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The generated CRDs as one multi-document YAML stream.
+pub fn crds_yaml() -> String {
+    api::crds().iter().map(crd_yaml).collect::<Vec<_>>().join("---\n")
+}
+
+/// One CRD as YAML.
+pub fn crd_yaml(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> String {
+    serde_yaml_ng::to_string(crd).expect("a CRD always serializes")
+}
+
+/// File name of a CRD in `crds/`.
+pub fn crd_file_name(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// `kustomization.yaml` of the CRD directory, so `deploy/` can use it as a base.
+pub fn crds_kustomization() -> String {
+    let mut out = String::from(
+        "# Generated by `ims-operator crds --output-dir crds`: do not edit.\napiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n",
+    );
+    for crd in api::crds() {
+        out.push_str(&format!("- {}\n", crd_file_name(&crd)));
+    }
+    out
+}
+
+/// Sets up logging as the flags say.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Entry point of the binary.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Crds { output_dir } => write_crds(output_dir),
+        Command::Run(args) => run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_crds(dir: Option<PathBuf>) -> Result<(), CliError> {
+    let Some(dir) = dir else {
+        print!("{}", crds_yaml());
+        return Ok(());
+    };
+    let write_err = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| CliError::Write { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(write_err(&dir))?;
+    for crd in api::crds() {
+        let path = dir.join(crd_file_name(&crd));
+        std::fs::write(&path, crd_yaml(&crd)).map_err(write_err(&path))?;
+    }
+    let path = dir.join("kustomization.yaml");
+    std::fs::write(&path, crds_kustomization()).map_err(write_err(&path))?;
+    Ok(())
+}
+
+/// `ims-operator run`: connect, check the CRDs, run every controller until SIGTERM/SIGINT.
+pub async fn run(args: RunArgs) -> Result<(), CliError> {
+    let policy = match &args.policy {
+        Some(path) => Policy::from_file(path)?,
+        None => Policy::default(),
+    };
+    let listener =
+        admin::bind(args.admin_addr).await.map_err(|source| CliError::Bind { addr: args.admin_addr, source })?;
+    let readiness = Readiness::default();
+    tokio::spawn(admin::serve(listener, readiness.clone()));
+    let config = kube::Config::infer().await.map_err(|e| CliError::Config(e.to_string()))?;
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|e| CliError::Config(e.to_string()))?;
+    let timeout = Duration::from_secs(args.connect_timeout);
+    let unreachable = |reason: String| CliError::Unreachable { url: url.clone(), reason };
+    let version = tokio::time::timeout(timeout, client.apiserver_version())
+        .await
+        .map_err(|_| unreachable(format!("no answer within {}s", args.connect_timeout)))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    tracing::info!(server = %url, version = %version.git_version, "connected");
+    check_crds(&client).await?;
+
+    let ctx = Context { client, policy, public_namespace: args.public_namespace };
+    tracing::info!(public_namespace = %ctx.public_namespace, "starting controllers");
+    readiness.set(true);
+    controllers::run(ctx, shutdown_signal()).await;
+    readiness.set(false);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Verifies through discovery (allowed to every authenticated user) that all five kinds are served.
+async fn check_crds(client: &Client) -> Result<(), CliError> {
+    let served = match client.list_api_group_resources(api::API_VERSION).await {
+        Ok(list) => list.resources.into_iter().map(|r| r.kind).collect::<Vec<_>>(),
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(e) => return Err(CliError::Unreachable { url: "discovery".into(), reason: e.to_string() }),
+    };
+    let missing: Vec<String> =
+        api::crds().into_iter().map(|crd| crd.spec.names.kind).filter(|kind| !served.contains(kind)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let what = if served.is_empty() {
+        format!("the API group {} is not served", api::API_VERSION)
+    } else {
+        format!("missing kinds: {}", missing.join(", "))
+    };
+    Err(CliError::CrdsMissing { missing: what })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the operator");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received; finishing in-flight work");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        fn check(cmd: &clap::Command) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                assert!(
+                    builtin || arg.get_env().is_some(),
+                    "--{} of `{}` has no IMS_* variable",
+                    arg.get_id(),
+                    cmd.get_name()
+                );
+            }
+            cmd.get_subcommands().for_each(check);
+        }
+        check(&Cli::command());
+    }
+}

@@ -1,0 +1,16 @@
+//! ims-operator: a Kubernetes-native Image Management Service.
+//!
+//! - [`api`]: the five `ims.io/v1alpha1` kinds.
+//! - [`controllers`]: one controller a kind.
+//! - [`policy`]: the operator policy (limits) and the pure rules.
+//! - [`schema`]: validation of objects against the generated CRD schemas (structure and CEL),
+//!   as kube-apiserver does it.
+//! - [`admin`]: health endpoints.
+//! - [`cli`]: the command line.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod controllers;
+pub mod policy;
+pub mod schema;

@@ -1,0 +1,135 @@
+//! The binary as a user runs it: exit codes and the messages that say what to do.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+fn operator(args: &[&str], kubeconfig: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("IMS_POLICY")
+        .output()
+        .unwrap()
+}
+
+fn kubeconfig_for(dir: &tempfile::TempDir, server: &str) -> PathBuf {
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn run_without_any_cluster_config_fails_fast_with_a_hint() {
+    let out = operator(&["run", "--admin-addr", "127.0.0.1:0"], "/nonexistent/kubeconfig");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("error: no usable Kubernetes configuration"), "{err}");
+    assert!(err.contains("/nonexistent/kubeconfig"), "names the file it tried: {err}");
+    assert!(err.contains("ims-operator local"), "suggests the embedded mode: {err}");
+}
+
+#[test]
+fn run_against_an_unreachable_server_fails_fast() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig_for(&dir, &format!("http://127.0.0.1:{port}"));
+    let out = operator(&["run", "--admin-addr", "127.0.0.1:0", "--connect-timeout", "5"], config.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot reach the Kubernetes API server at http://127.0.0.1:{port}/")), "{err}");
+}
+
+/// A server that answers `/version` and nothing else, like a cluster without the CRDs.
+fn serve_cluster_without_crds() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).unwrap_or(0) > 2 {
+                        header.clear();
+                    }
+                    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let (code, body) = if path == "/version" {
+                        ("200 OK", r#"{"major":"1","minor":"36","gitVersion":"v1.36.0","gitCommit":"","gitTreeState":"","buildDate":"","goVersion":"","compiler":"","platform":"linux/amd64"}"#.to_string())
+                    } else {
+                        (
+                            "404 Not Found",
+                            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#.to_string(),
+                        )
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn run_against_a_cluster_without_the_crds_names_the_install_command() {
+    let port = serve_cluster_without_crds();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig_for(&dir, &format!("http://127.0.0.1:{port}"));
+    let out = operator(&["run", "--admin-addr", "127.0.0.1:0"], config.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("error: the ims.io CRDs are not installed in this cluster"), "{err}");
+    assert!(err.contains("kubectl apply -k deploy/"), "{err}");
+}
+
+#[test]
+fn a_bad_policy_file_is_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "concurrentImports: lots\n").unwrap();
+    let out = operator(&["run", "--admin-addr", "127.0.0.1:0", "--policy", policy.to_str().unwrap()], "/nonexistent");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("key `concurrentImports`: must be a non-negative integer"), "{err}");
+}
+
+#[test]
+fn help_lists_the_commands_and_env_vars() {
+    let out = operator(&["--help"], "/nonexistent");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["crds", "run", "--log-format", "IMS_LOG_FORMAT"] {
+        assert!(help.contains(word), "--help mentions {word}: {help}");
+    }
+    let out = operator(&["run", "--help"], "/nonexistent");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["--public-namespace", "IMS_PUBLIC_NAMESPACE", "[default: ims-public]", "--policy", "IMS_POLICY"] {
+        assert!(help.contains(word), "run --help mentions {word}: {help}");
+    }
+}
