@@ -50,6 +50,9 @@ pub enum Command {
     },
     /// Run the operator against the cluster of KUBECONFIG, or the in-cluster config.
     Run(RunArgs),
+    /// Run everything locally on the embedded API (no cluster needed): apply a directory of
+    /// manifests, let the controllers settle them, print the outcome like `kubectl get ims -A`.
+    Local(crate::local::LocalArgs),
 }
 
 /// Flags of `run`.
@@ -164,12 +167,13 @@ pub fn init_tracing(format: LogFormat) {
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let result = match cli.command {
-        Command::Crds { output_dir } => write_crds(output_dir),
-        Command::Run(args) => run(args).await,
+    let result: Result<u8, String> = match cli.command {
+        Command::Crds { output_dir } => write_crds(output_dir).map(|()| 0).map_err(|e| e.to_string()),
+        Command::Run(args) => run(args).await.map(|()| 0).map_err(|e| e.to_string()),
+        Command::Local(args) => crate::local::run(args).await.map_err(|e| e.to_string()),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE

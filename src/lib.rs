@@ -6,11 +6,15 @@
 //! - [`schema`]: validation of objects against the generated CRD schemas (structure and CEL),
 //!   as kube-apiserver does it.
 //! - [`admin`]: health endpoints.
+//! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
+//! - [`local`]: `ims-operator local`, the operator on the embedded API.
 //! - [`cli`]: the command line.
 
 pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controllers;
+pub mod embedded;
+pub mod local;
 pub mod policy;
 pub mod schema;

@@ -1,0 +1,1432 @@
+//! Server-side apply field management, with the semantics of `sigs.k8s.io/structured-merge-diff`
+//! and kube-apiserver's field manager (`k8s.io/apimachinery/pkg/util/managedfields`).
+//!
+//! Ownership is kept in `metadata.managedFields` (the `FieldsV1` format: `{"f:spec":{"f:region":{}}}`,
+//! `"k:{\"type\":\"Ready\"}"` for list-map items, `"v:\"x\""` for set items, `"."` when a node is
+//! owned itself and has owned children). Entries are keyed like the real server: `(manager,
+//! "Apply", subresource)` for appliers and `(manager, "Update", apiVersion, subresource)` for
+//! updaters.
+//!
+//! - [`apply`] is a server-side apply (`PATCH` with `application/apply-patch+yaml`): the applied
+//!   configuration is merged into the live object (maps per key, list-maps per key, sets per value,
+//!   atomic lists and scalars replaced), the applier owns exactly what it sent, what it owned before
+//!   and no longer sends is removed unless someone else owns it, and changing a field owned by
+//!   someone else is a conflict unless forced.
+//! - [`record_update`] records the owner of a create/update/patch: the writer takes every field it
+//!   changed, from whoever owned it.
+//! - [`conflict_message`] / [`conflict_status`] build kube-apiserver's 409 answer.
+//!
+//! How lists and maps merge comes from the CRD's `openAPIV3Schema` ([`MergeSchema`]).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+use serde_json::{Map, Value, json};
+
+const OP_APPLY: &str = "Apply";
+const OP_UPDATE: &str = "Update";
+/// kube-apiserver keeps at most this many `Update` entries, merging the oldest (`DefaultMaxUpdateManagers`).
+const MAX_UPDATE_MANAGERS: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
+/// Metadata of an applied configuration that never reaches the object (the live values stay).
+const IGNORED_APPLIED_METADATA: &[&str] =
+    &["resourceVersion", "uid", "creationTimestamp", "generation", "managedFields", "selfLink"];
+
+// ---------------------------------------------------------------------------------------------
+// Schema
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum Node {
+    /// Nothing known: objects are granular maps (their members are map items), lists are atomic.
+    Any,
+    Scalar,
+    Object(ObjectNode),
+    List(ListNode),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ObjectNode {
+    /// Named (struct) fields.
+    fields: BTreeMap<String, Node>,
+    /// Schema of other members (`additionalProperties`, preserved unknown fields); `None`: unknown.
+    rest: Option<Box<Node>>,
+    /// `x-kubernetes-map-type: atomic`
+    atomic: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ListNode {
+    kind: ListKind,
+    items: Box<Node>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ListKind {
+    Atomic,
+    Set,
+    Map(Vec<String>),
+}
+
+static ANY: Node = Node::Any;
+
+impl Node {
+    /// The schema of member `k`, and whether it is a named field (not a map item).
+    fn field(&self, k: &str) -> (&Node, bool) {
+        match self {
+            Node::Object(o) => match o.fields.get(k) {
+                Some(n) => (n, true),
+                None => (o.rest.as_deref().unwrap_or(&ANY), false),
+            },
+            _ => (&ANY, false),
+        }
+    }
+
+    fn items(&self) -> &Node {
+        match self {
+            Node::List(l) => &l.items,
+            _ => &ANY,
+        }
+    }
+
+    fn granular_list(&self) -> Option<&ListKind> {
+        match self {
+            Node::List(l) if l.kind != ListKind::Atomic => Some(&l.kind),
+            _ => None,
+        }
+    }
+
+    fn is_atomic_object(&self) -> bool {
+        matches!(self, Node::Object(o) if o.atomic)
+    }
+}
+
+/// How lists and maps merge, from an `openAPIV3Schema` (`x-kubernetes-list-type: atomic|set|map`
+/// with `x-kubernetes-list-map-keys`, `x-kubernetes-map-type: atomic|granular`); built-in
+/// knowledge for metadata (labels/annotations granular maps, finalizers = set, ownerReferences =
+/// map keyed by uid, managedFields never owned) and for kinds without a schema (`None`: lists
+/// atomic, maps granular).
+///
+/// As for CRDs, a list without `x-kubernetes-list-type` is atomic and an object without
+/// `x-kubernetes-map-type` is granular.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeSchema {
+    root: Node,
+}
+
+impl Default for MergeSchema {
+    /// The schema of a kind without one: `MergeSchema::from_openapi(None)`.
+    fn default() -> Self {
+        Self::from_openapi(None)
+    }
+}
+
+impl MergeSchema {
+    /// Builds the merge rules from a CRD version's `openAPIV3Schema` (or `None`).
+    ///
+    /// Never fails: parts of the schema that cannot be understood merge like schemaless data.
+    pub fn from_openapi(schema: Option<&Value>) -> Self {
+        let mut root = match schema.map(|s| convert(s, 0)) {
+            Some(Node::Object(o)) => o,
+            _ => ObjectNode { fields: BTreeMap::new(), rest: Some(Box::new(Node::Any)), atomic: false },
+        };
+        root.atomic = false;
+        root.fields.insert("apiVersion".to_owned(), Node::Scalar);
+        root.fields.insert("kind".to_owned(), Node::Scalar);
+        root.fields.insert("metadata".to_owned(), object_meta());
+        Self { root: Node::Object(root) }
+    }
+}
+
+fn convert(s: &Value, depth: usize) -> Node {
+    let Some(m) = s.as_object() else {
+        return Node::Any;
+    };
+    if depth > 64 {
+        return Node::Any;
+    }
+    let flag = |k: &str| m.get(k) == Some(&Value::Bool(true));
+    if flag("x-kubernetes-int-or-string") {
+        return Node::Scalar;
+    }
+    let ty = m.get("type").and_then(Value::as_str);
+    let properties = m.get("properties").and_then(Value::as_object);
+    let additional = m.get("additionalProperties");
+    let objectish =
+        properties.is_some() || matches!(additional, Some(Value::Object(_))) || additional == Some(&Value::Bool(true));
+    match ty {
+        Some("object") => convert_object(m, depth),
+        None if objectish => convert_object(m, depth),
+        Some("array") => {
+            let items = m.get("items").map(|i| convert(i, depth + 1)).unwrap_or(Node::Any);
+            let kind = match m.get("x-kubernetes-list-type").and_then(Value::as_str) {
+                Some("set") => ListKind::Set,
+                Some("map") => {
+                    let keys: Vec<String> = m
+                        .get("x-kubernetes-list-map-keys")
+                        .and_then(Value::as_array)
+                        .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                        .unwrap_or_default();
+                    if keys.is_empty() { ListKind::Atomic } else { ListKind::Map(keys) }
+                }
+                _ => ListKind::Atomic,
+            };
+            Node::List(ListNode { kind, items: Box::new(items) })
+        }
+        Some("string" | "integer" | "number" | "boolean") => Node::Scalar,
+        _ => Node::Any,
+    }
+}
+
+fn convert_object(m: &Map<String, Value>, depth: usize) -> Node {
+    let fields = m
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.iter().map(|(k, v)| (k.clone(), convert(v, depth + 1))).collect())
+        .unwrap_or_default();
+    let rest = match m.get("additionalProperties") {
+        Some(a @ Value::Object(_)) => Some(Box::new(convert(a, depth + 1))),
+        Some(Value::Bool(true)) => Some(Box::new(Node::Any)),
+        _ if m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) => Some(Box::new(Node::Any)),
+        _ => None,
+    };
+    let atomic = m.get("x-kubernetes-map-type").and_then(Value::as_str) == Some("atomic");
+    Node::Object(ObjectNode { fields, rest, atomic })
+}
+
+/// `ObjectMeta` as kube-apiserver types it.
+fn object_meta() -> Node {
+    let scalars = |names: &[&str]| names.iter().map(|n| ((*n).to_owned(), Node::Scalar)).collect::<BTreeMap<_, _>>();
+    let string_map =
+        || Node::Object(ObjectNode { fields: BTreeMap::new(), rest: Some(Box::new(Node::Scalar)), atomic: false });
+    let owner_reference = Node::Object(ObjectNode {
+        fields: scalars(&["apiVersion", "kind", "name", "uid", "controller", "blockOwnerDeletion"]),
+        rest: None,
+        atomic: false,
+    });
+    let mut fields = scalars(&[
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ]);
+    fields.insert("labels".to_owned(), string_map());
+    fields.insert("annotations".to_owned(), string_map());
+    fields.insert("finalizers".to_owned(), Node::List(ListNode { kind: ListKind::Set, items: Box::new(Node::Scalar) }));
+    fields.insert(
+        "ownerReferences".to_owned(),
+        Node::List(ListNode { kind: ListKind::Map(vec!["uid".to_owned()]), items: Box::new(owner_reference) }),
+    );
+    fields.insert(
+        "managedFields".to_owned(),
+        Node::List(ListNode { kind: ListKind::Atomic, items: Box::new(Node::Any) }),
+    );
+    Node::Object(ObjectNode { fields, rest: None, atomic: false })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field sets
+// ---------------------------------------------------------------------------------------------
+
+/// One step of a field path. Values are kept as canonical JSON text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PathElement {
+    /// `f:name`, `.name`
+    Field(String),
+    /// `k:{"type":"Ready"}`, `[type="Ready"]` (sorted by key name)
+    Key(Vec<(String, String)>),
+    /// `v:"x"`, `[="x"]`
+    Val(String),
+    /// `i:0`, `[0]`
+    Index(i64),
+}
+
+impl PathElement {
+    fn serialize(&self) -> String {
+        match self {
+            Self::Field(n) => format!("f:{n}"),
+            Self::Key(kvs) => {
+                let inner: Vec<String> = kvs.iter().map(|(k, v)| format!("{}:{v}", json_string(k))).collect();
+                format!("k:{{{}}}", inner.join(","))
+            }
+            Self::Val(v) => format!("v:{v}"),
+            Self::Index(i) => format!("i:{i}"),
+        }
+    }
+
+    fn deserialize(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.get(1) != Some(&b':') {
+            return None;
+        }
+        let rest = s.get(2..)?;
+        match b.first()? {
+            b'f' => Some(Self::Field(rest.to_owned())),
+            b'v' => serde_json::from_str::<Value>(rest).ok().map(|v| Self::Val(canonical(&v))),
+            b'k' => {
+                let v: Value = serde_json::from_str(rest).ok()?;
+                let mut kvs: Vec<(String, String)> =
+                    v.as_object()?.iter().map(|(k, v)| (k.clone(), canonical(v))).collect();
+                kvs.sort();
+                Some(Self::Key(kvs))
+            }
+            b'i' => rest.parse().ok().map(Self::Index),
+            _ => None,
+        }
+    }
+
+    /// The text kube-apiserver prints in conflicts (`fieldpath.PathElement.String()`).
+    fn text(&self) -> String {
+        match self {
+            Self::Field(n) => format!(".{n}"),
+            Self::Key(kvs) => {
+                let inner: Vec<String> = kvs.iter().map(|(k, v)| format!("{k}={}", value_text(v))).collect();
+                format!("[{}]", inner.join(","))
+            }
+            Self::Val(v) => format!("[={}]", value_text(v)),
+            Self::Index(i) => format!("[{i}]"),
+        }
+    }
+}
+
+fn path_text(path: &[PathElement]) -> String {
+    path.iter().map(PathElement::text).collect()
+}
+
+/// A set of field paths (`fieldpath.Set`): members are owned paths, children hold deeper ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct FieldSet {
+    members: BTreeSet<PathElement>,
+    children: BTreeMap<PathElement, FieldSet>,
+}
+
+impl FieldSet {
+    fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.children.values().all(FieldSet::is_empty)
+    }
+
+    fn insert(&mut self, path: &[PathElement]) {
+        match path {
+            [] => {}
+            [pe] => {
+                self.members.insert(pe.clone());
+            }
+            [pe, rest @ ..] => self.children.entry(pe.clone()).or_default().insert(rest),
+        }
+    }
+
+    fn put_child(&mut self, pe: &PathElement, child: FieldSet) {
+        if !child.is_empty() {
+            self.children.insert(pe.clone(), child);
+        }
+    }
+
+    fn union(&self, other: &FieldSet) -> FieldSet {
+        let mut out = self.clone();
+        out.members.extend(other.members.iter().cloned());
+        for (pe, c) in &other.children {
+            let merged = match self.children.get(pe) {
+                Some(mine) => mine.union(c),
+                None => c.clone(),
+            };
+            out.put_child(pe, merged);
+        }
+        out
+    }
+
+    fn difference(&self, other: &FieldSet) -> FieldSet {
+        let mut out =
+            FieldSet { members: self.members.difference(&other.members).cloned().collect(), ..Default::default() };
+        for (pe, c) in &self.children {
+            match other.children.get(pe) {
+                Some(oc) => out.put_child(pe, c.difference(oc)),
+                None => out.put_child(pe, c.clone()),
+            }
+        }
+        out
+    }
+
+    fn intersection(&self, other: &FieldSet) -> FieldSet {
+        let mut out =
+            FieldSet { members: self.members.intersection(&other.members).cloned().collect(), ..Default::default() };
+        for (pe, c) in &self.children {
+            if let Some(oc) = other.children.get(pe) {
+                out.put_child(pe, c.intersection(oc));
+            }
+        }
+        out
+    }
+
+    /// Only the part of the set at or below the top-level field `name`.
+    fn only_field(&self, name: &str) -> FieldSet {
+        let pe = PathElement::Field(name.to_owned());
+        let mut out = FieldSet::default();
+        if self.members.contains(&pe) {
+            out.members.insert(pe.clone());
+        }
+        if let Some(c) = self.children.get(&pe) {
+            out.put_child(&pe, c.clone());
+        }
+        out
+    }
+
+    /// Every path, members before deeper paths at each level (`fieldpath.Set.Iterate`).
+    fn paths(&self) -> Vec<Vec<PathElement>> {
+        let mut out = Vec::new();
+        self.collect_paths(&mut Vec::new(), &mut out);
+        out
+    }
+
+    fn collect_paths(&self, prefix: &mut Vec<PathElement>, out: &mut Vec<Vec<PathElement>>) {
+        for m in &self.members {
+            let mut p = prefix.clone();
+            p.push(m.clone());
+            out.push(p);
+        }
+        for (pe, c) in &self.children {
+            prefix.push(pe.clone());
+            c.collect_paths(prefix, out);
+            prefix.pop();
+        }
+    }
+
+    /// The `FieldsV1` JSON form.
+    fn to_json(&self) -> Value {
+        Value::Object(self.emit())
+    }
+
+    fn emit(&self) -> Map<String, Value> {
+        let mut out = Map::new();
+        let keys: BTreeSet<&PathElement> = self.members.iter().chain(self.children.keys()).collect();
+        for pe in keys {
+            let member = self.members.contains(pe);
+            let mut obj = Map::new();
+            match self.children.get(pe).filter(|c| !c.is_empty()) {
+                Some(child) => {
+                    if member {
+                        obj.insert(".".to_owned(), Value::Object(Map::new()));
+                    }
+                    obj.extend(child.emit());
+                }
+                None if !member => continue,
+                None => {}
+            }
+            out.insert(pe.serialize(), Value::Object(obj));
+        }
+        out
+    }
+
+    /// Reads the `FieldsV1` JSON form; unknown or malformed keys are dropped.
+    fn from_json(v: &Value) -> FieldSet {
+        Self::read(v).0.unwrap_or_default()
+    }
+
+    fn read(v: &Value) -> (Option<FieldSet>, bool) {
+        let Some(m) = v.as_object() else {
+            return (None, true);
+        };
+        let mut children: Option<FieldSet> = None;
+        let mut member = false;
+        for (k, cv) in m {
+            if k == "." {
+                member = true;
+                continue;
+            }
+            let Some(pe) = PathElement::deserialize(k) else {
+                continue;
+            };
+            let (grandchildren, child_member) = Self::read(cv);
+            if child_member {
+                children.get_or_insert_with(FieldSet::default).members.insert(pe.clone());
+            }
+            if let Some(gc) = grandchildren {
+                children.get_or_insert_with(FieldSet::default).put_child(&pe, gc);
+            }
+        }
+        if children.is_none() {
+            member = true;
+        }
+        (children, member)
+    }
+}
+
+fn field(name: &str) -> PathElement {
+    PathElement::Field(name.to_owned())
+}
+
+/// Fields never recorded as owned (`stripMetaManager`).
+fn strip_set() -> FieldSet {
+    let mut s = FieldSet::default();
+    for top in ["apiVersion", "kind", "metadata"] {
+        s.insert(&[field(top)]);
+    }
+    for name in [
+        "name",
+        "namespace",
+        "creationTimestamp",
+        "selfLink",
+        "uid",
+        "clusterName",
+        "generation",
+        "managedFields",
+        "resourceVersion",
+    ] {
+        s.insert(&[field("metadata"), field(name)]);
+    }
+    s
+}
+
+/// What a real applied configuration always carries (its identity), so pruning never removes it.
+fn identity_set() -> FieldSet {
+    let mut s = FieldSet::default();
+    s.insert(&[field("apiVersion")]);
+    s.insert(&[field("kind")]);
+    s.insert(&[field("metadata"), field("name")]);
+    s.insert(&[field("metadata"), field("namespace")]);
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed walks over JSON values
+// ---------------------------------------------------------------------------------------------
+
+enum Shape<'a> {
+    Map(&'a Map<String, Value>),
+    List(&'a [Value], &'a ListKind),
+    Leaf,
+}
+
+fn shape<'a>(node: &'a Node, v: &'a Value) -> Shape<'a> {
+    match v {
+        Value::Object(m) if !node.is_atomic_object() => Shape::Map(m),
+        Value::Array(items) => match node.granular_list() {
+            Some(kind) => Shape::List(items, kind),
+            None => Shape::Leaf,
+        },
+        _ => Shape::Leaf,
+    }
+}
+
+fn item_pe(kind: &ListKind, item: &Value) -> PathElement {
+    match (kind, item) {
+        (ListKind::Map(keys), Value::Object(m)) => {
+            let mut kvs: Vec<(String, String)> =
+                keys.iter().map(|k| (k.clone(), canonical(m.get(k).unwrap_or(&Value::Null)))).collect();
+            kvs.sort();
+            kvs.dedup_by(|a, b| a.0 == b.0);
+            PathElement::Key(kvs)
+        }
+        _ => PathElement::Val(canonical(item)),
+    }
+}
+
+/// The set of fields a value sets (`TypedValue.ToFieldSet`): leaves, list items and map items.
+fn to_field_set(node: &Node, v: &Value) -> FieldSet {
+    let mut out = FieldSet::default();
+    walk_field_set(node, v, &mut Vec::new(), &mut out);
+    out
+}
+
+fn walk_field_set(node: &Node, v: &Value, path: &mut Vec<PathElement>, out: &mut FieldSet) {
+    match shape(node, v) {
+        Shape::Map(m) => {
+            for (k, cv) in m {
+                let (child, named) = node.field(k);
+                path.push(PathElement::Field(k.clone()));
+                walk_field_set(child, cv, path, out);
+                if !named {
+                    out.insert(path);
+                }
+                path.pop();
+            }
+        }
+        Shape::List(items, kind) => {
+            for item in items {
+                path.push(item_pe(kind, item));
+                walk_field_set(node.items(), item, path, out);
+                out.insert(path);
+                path.pop();
+            }
+        }
+        Shape::Leaf => {
+            let granular = matches!(node, Node::Any | Node::Object(ObjectNode { atomic: false, .. }))
+                || node.granular_list().is_some();
+            if !(v.is_null() && granular) {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+/// Merges the applied configuration `rhs` into `lhs`; `None` when the result is absent.
+fn merge(node: &Node, lhs: &Value, rhs: &Value) -> Option<Value> {
+    if rhs.is_null() {
+        return match shape(node, lhs) {
+            Shape::Map(_) | Shape::List(..) => Some(lhs.clone()),
+            Shape::Leaf => None,
+        };
+    }
+    match (shape(node, lhs), shape(node, rhs)) {
+        (Shape::Map(l), Shape::Map(r)) => {
+            let mut out = l.clone();
+            for (k, rv) in r {
+                let (child, _) = node.field(k);
+                let merged = match out.get(k) {
+                    Some(lv) => merge(child, lv, rv),
+                    None => fresh(child, rv),
+                };
+                match merged {
+                    Some(v) => {
+                        out.insert(k.clone(), v);
+                    }
+                    None => {
+                        out.remove(k);
+                    }
+                }
+            }
+            Some(Value::Object(out))
+        }
+        (Shape::List(l, kind), Shape::List(r, _)) => Some(Value::Array(merge_lists(node.items(), kind, l, r))),
+        _ => fresh(node, rhs),
+    }
+}
+
+/// An applied value where live has none: `null` members dropped.
+fn fresh(node: &Node, rhs: &Value) -> Option<Value> {
+    match rhs {
+        Value::Null => None,
+        Value::Object(m) => Some(Value::Object(
+            m.iter().filter_map(|(k, v)| fresh(node.field(k).0, v).map(|v| (k.clone(), v))).collect(),
+        )),
+        other => Some(other.clone()),
+    }
+}
+
+fn merge_item(node: &Node, lhs: Option<&Value>, rhs: &Value) -> Option<Value> {
+    match lhs {
+        Some(l) => merge(node, l, rhs),
+        None => fresh(node, rhs),
+    }
+}
+
+/// Merges associative lists the way structured-merge-diff orders them: items only in `l` keep
+/// their place, items of `r` come in `r`'s order.
+fn merge_lists(items_node: &Node, kind: &ListKind, l: &[Value], r: &[Value]) -> Vec<Value> {
+    let lpes: Vec<PathElement> = l.iter().map(|v| item_pe(kind, v)).collect();
+    let mut observed_l: BTreeMap<&PathElement, usize> = BTreeMap::new();
+    for (i, pe) in lpes.iter().enumerate() {
+        observed_l.entry(pe).or_insert(i);
+    }
+    let mut rpes: Vec<PathElement> = Vec::new();
+    let mut ritems: Vec<&Value> = Vec::new();
+    let mut observed_r: BTreeSet<PathElement> = BTreeSet::new();
+    for v in r {
+        let pe = item_pe(kind, v);
+        if observed_r.insert(pe.clone()) {
+            rpes.push(pe);
+            ritems.push(v);
+        }
+    }
+    let mut shared: VecDeque<&PathElement> = rpes.iter().filter(|pe| observed_l.contains_key(pe)).collect();
+    let mut next_shared = shared.pop_front();
+    let mut merged_r: BTreeSet<&PathElement> = BTreeSet::new();
+    let mut out = Vec::with_capacity(l.len().max(rpes.len()));
+    let (mut li, mut ri) = (0, 0);
+    let mut budget = 2 * (l.len() + rpes.len()) + 2;
+    while li < l.len() || ri < rpes.len() {
+        if budget == 0 {
+            break;
+        }
+        budget -= 1;
+        if let (Some(lpe), Some(rpe), Some(rv)) = (lpes.get(li), rpes.get(ri), ritems.get(ri)) {
+            if lpe == rpe {
+                merged_r.insert(rpe);
+                let lv = observed_l.get(lpe).and_then(|&i| l.get(i));
+                out.extend(merge_item(items_node, lv, rv));
+                li += 1;
+                ri += 1;
+                next_shared = shared.pop_front();
+                continue;
+            }
+            if observed_r.contains(lpe) && next_shared.is_some_and(|n| n != lpe) {
+                li += 1;
+                continue;
+            }
+        }
+        if let (Some(lpe), Some(lv)) = (lpes.get(li), l.get(li)) {
+            if !observed_r.contains(lpe) {
+                out.push(lv.clone());
+                li += 1;
+                continue;
+            }
+            if merged_r.contains(lpe) {
+                li += 1;
+                continue;
+            }
+        }
+        if let (Some(rpe), Some(rv)) = (rpes.get(ri), ritems.get(ri)) {
+            merged_r.insert(rpe);
+            let lv = observed_l.get(rpe).and_then(|&i| l.get(i));
+            out.extend(merge_item(items_node, lv, rv));
+            ri += 1;
+            if next_shared.is_some_and(|n| n == rpe) {
+                next_shared = shared.pop_front();
+            }
+        }
+    }
+    out
+}
+
+/// `typed.Comparison`: what changed between two values.
+#[derive(Debug, Default)]
+struct Comparison {
+    added: FieldSet,
+    modified: FieldSet,
+    removed: FieldSet,
+}
+
+fn compare(node: &Node, old: &Value, new: &Value) -> Comparison {
+    let mut c = Comparison::default();
+    walk_compare(node, Some(old), Some(new), &mut Vec::new(), &mut c);
+    c
+}
+
+fn walk_compare(
+    node: &Node,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    path: &mut Vec<PathElement>,
+    c: &mut Comparison,
+) {
+    match (old, new) {
+        (None, None) => {}
+        (Some(o), None) => mark(node, o, path, &mut c.removed),
+        (None, Some(n)) => mark(node, n, path, &mut c.added),
+        (Some(o), Some(n)) => match (shape(node, o), shape(node, n)) {
+            (Shape::Map(om), Shape::Map(nm)) => {
+                let keys: BTreeSet<&String> = om.keys().chain(nm.keys()).collect();
+                for k in keys {
+                    let (child, _) = node.field(k);
+                    path.push(PathElement::Field(k.clone()));
+                    walk_compare(child, om.get(k), nm.get(k), path, c);
+                    path.pop();
+                }
+            }
+            (Shape::List(ol, kind), Shape::List(nl, _)) => {
+                let oi = index_items(kind, ol);
+                let ni = index_items(kind, nl);
+                let pes: BTreeSet<&PathElement> = oi.keys().chain(ni.keys()).collect();
+                for pe in pes {
+                    path.push(pe.clone());
+                    walk_compare(node.items(), oi.get(pe).copied(), ni.get(pe).copied(), path, c);
+                    path.pop();
+                }
+            }
+            (Shape::Leaf, Shape::Leaf) => {
+                if !json_equal(o, n) {
+                    c.modified.insert(path);
+                }
+            }
+            _ => {
+                c.modified.insert(path);
+                mark_children(node, o, path, &mut c.removed);
+                mark_children(node, n, path, &mut c.added);
+            }
+        },
+    }
+}
+
+fn index_items<'a>(kind: &ListKind, items: &'a [Value]) -> BTreeMap<PathElement, &'a Value> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        out.entry(item_pe(kind, item)).or_insert(item);
+    }
+    out
+}
+
+fn mark(node: &Node, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
+    set.insert(path);
+    mark_children(node, v, path, set);
+}
+
+fn mark_children(node: &Node, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
+    match shape(node, v) {
+        Shape::Map(m) => {
+            for (k, cv) in m {
+                path.push(PathElement::Field(k.clone()));
+                mark(node.field(k).0, cv, path, set);
+                path.pop();
+            }
+        }
+        Shape::List(items, kind) => {
+            for item in items {
+                path.push(item_pe(kind, item));
+                mark(node.items(), item, path, set);
+                path.pop();
+            }
+        }
+        Shape::Leaf => {}
+    }
+}
+
+/// Removes every member of `set` from `v` (`TypedValue.RemoveItems`); containers left empty
+/// disappear.
+fn remove_items(node: &Node, v: &Value, set: &FieldSet) -> Option<Value> {
+    match shape(node, v) {
+        Shape::Map(m) => {
+            let mut out = Map::new();
+            for (k, cv) in m {
+                let pe = PathElement::Field(k.clone());
+                if set.members.contains(&pe) {
+                    continue;
+                }
+                match set.children.get(&pe) {
+                    Some(sub) => {
+                        if let Some(kept) = remove_items(node.field(k).0, cv, sub) {
+                            out.insert(k.clone(), kept);
+                        }
+                    }
+                    None => {
+                        out.insert(k.clone(), cv.clone());
+                    }
+                }
+            }
+            (!out.is_empty()).then_some(Value::Object(out))
+        }
+        Shape::List(items, kind) => {
+            let mut out = Vec::new();
+            for item in items {
+                let pe = item_pe(kind, item);
+                if set.members.contains(&pe) {
+                    continue;
+                }
+                match set.children.get(&pe) {
+                    Some(sub) => out.extend(remove_items(node.items(), item, sub)),
+                    None => out.push(item.clone()),
+                }
+            }
+            (!out.is_empty()).then_some(Value::Array(out))
+        }
+        Shape::Leaf => Some(v.clone()),
+    }
+}
+
+fn remove_from_object(node: &Node, v: &Value, set: &FieldSet) -> Value {
+    remove_items(node, v, set).unwrap_or_else(|| Value::Object(Map::new()))
+}
+
+/// `Set.EnsureNamedFieldsAreMembers`: named (struct) fields on the way to a path become members.
+fn with_named_fields(node: &Node, set: &FieldSet) -> FieldSet {
+    let mut out = FieldSet { members: set.members.clone(), children: BTreeMap::new() };
+    for (pe, c) in &set.children {
+        let child = match pe {
+            PathElement::Field(k) => {
+                let (n, named) = node.field(k);
+                if named {
+                    out.members.insert(pe.clone());
+                }
+                n
+            }
+            _ => node.items(),
+        };
+        out.put_child(pe, with_named_fields(child, c));
+    }
+    out
+}
+
+/// `Updater.prune`: removes what the applier owned last time and no longer applies, unless some
+/// manager (the applier's new configuration included) still owns it.
+fn prune(root: &Node, merged: Value, managers: &Managers, last: Option<&FieldSet>) -> Value {
+    let Some(last) = last.filter(|s| !s.is_empty()) else {
+        return merged;
+    };
+    let last = with_named_fields(root, last);
+    let pruned = remove_from_object(root, &merged, &last);
+    let managed = managers.values().fold(FieldSet::default(), |acc, e| acc.union(&e.set));
+    let merged_set = with_named_fields(root, &to_field_set(root, &merged));
+    let pruned_set = with_named_fields(root, &to_field_set(root, &pruned));
+    let managed = with_named_fields(root, &managed);
+    let pruned = remove_from_object(root, &merged, &merged_set.difference(&pruned_set.union(&managed)));
+    let pruned_set = with_named_fields(root, &to_field_set(root, &pruned));
+    remove_from_object(root, &merged, &merged_set.difference(&pruned_set).intersection(&last))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Managers
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Entry {
+    manager: String,
+    operation: String,
+    api_version: String,
+    subresource: String,
+    time: Option<Time>,
+    set: FieldSet,
+}
+
+impl Entry {
+    fn id(&self) -> String {
+        identifier(&self.manager, &self.operation, &self.api_version, &self.subresource)
+    }
+
+    fn seconds(&self) -> i64 {
+        self.time.as_ref().map_or(0, |t| t.0.as_second())
+    }
+}
+
+/// Entries by manager identifier.
+type Managers = BTreeMap<String, Entry>;
+
+/// The manager identifier kube-apiserver builds (`BuildManagerIdentifier`): the entry without
+/// fields and time, and without apiVersion for appliers.
+fn identifier(manager: &str, operation: &str, api_version: &str, subresource: &str) -> String {
+    let mut s = format!("{{\"manager\":{},\"operation\":{}", json_string(manager), json_string(operation));
+    if operation != OP_APPLY && !api_version.is_empty() {
+        s.push_str(&format!(",\"apiVersion\":{}", json_string(api_version)));
+    }
+    if !subresource.is_empty() {
+        s.push_str(&format!(",\"subresource\":{}", json_string(subresource)));
+    }
+    s.push('}');
+    s
+}
+
+fn decode_entry(v: &Value) -> Option<Entry> {
+    let m = v.as_object()?;
+    let operation = m.get("operation")?.as_str()?;
+    if operation != OP_APPLY && operation != OP_UPDATE {
+        return None;
+    }
+    if m.get("fieldsType")?.as_str()? != "FieldsV1" {
+        return None;
+    }
+    let text = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    Some(Entry {
+        manager: text("manager"),
+        operation: operation.to_owned(),
+        api_version: text("apiVersion"),
+        subresource: text("subresource"),
+        time: m.get("time").and_then(|t| serde_json::from_value::<Time>(t.clone()).ok()),
+        set: m.get("fieldsV1").map(FieldSet::from_json).unwrap_or_default(),
+    })
+}
+
+/// Decodes `metadata.managedFields`; with `strict`, `None` when an entry is invalid (as
+/// `DecodeManagedFields` fails), otherwise invalid entries are dropped.
+fn decode_managers(list: Option<&Value>, strict: bool) -> Option<Managers> {
+    let mut out = Managers::new();
+    let items = match list {
+        None | Some(Value::Null) => return Some(out),
+        Some(Value::Array(items)) => items,
+        Some(_) => return if strict { None } else { Some(out) },
+    };
+    for item in items {
+        match decode_entry(item) {
+            Some(e) => {
+                out.insert(e.id(), e);
+            }
+            None if strict => return None,
+            None => {}
+        }
+    }
+    Some(out)
+}
+
+fn encode_managers(managers: &Managers) -> Vec<Value> {
+    let mut entries: Vec<&Entry> = managers.values().filter(|e| !e.set.is_empty()).collect();
+    entries.sort_by(|a, b| {
+        a.operation
+            .cmp(&b.operation)
+            .then(a.seconds().cmp(&b.seconds()))
+            .then(a.manager.cmp(&b.manager))
+            .then(a.api_version.cmp(&b.api_version))
+            .then(a.subresource.cmp(&b.subresource))
+    });
+    entries
+        .into_iter()
+        .map(|e| {
+            let mut m = Map::new();
+            m.insert("manager".to_owned(), Value::String(e.manager.clone()));
+            m.insert("operation".to_owned(), Value::String(e.operation.clone()));
+            m.insert("apiVersion".to_owned(), Value::String(e.api_version.clone()));
+            if let Some(t) = e.time.as_ref().and_then(|t| serde_json::to_value(t).ok()) {
+                m.insert("time".to_owned(), t);
+            }
+            m.insert("fieldsType".to_owned(), Value::String("FieldsV1".to_owned()));
+            m.insert("fieldsV1".to_owned(), e.set.to_json());
+            if !e.subresource.is_empty() {
+                m.insert("subresource".to_owned(), Value::String(e.subresource.clone()));
+            }
+            Value::Object(m)
+        })
+        .collect()
+}
+
+fn take_managed_fields(obj: &mut Map<String, Value>) -> Option<Value> {
+    obj.get_mut("metadata").and_then(Value::as_object_mut).and_then(|m| m.remove("managedFields"))
+}
+
+fn set_managed_fields(obj: &mut Map<String, Value>, entries: Vec<Value>) {
+    if entries.is_empty() {
+        if let Some(md) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.remove("managedFields");
+        }
+        return;
+    }
+    let md = obj.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+    if !md.is_object() {
+        *md = Value::Object(Map::new());
+    }
+    if let Some(md) = md.as_object_mut() {
+        md.insert("managedFields".to_owned(), Value::Array(entries));
+    }
+}
+
+/// `capManagersManager`: at most [`MAX_UPDATE_MANAGERS`] `Update` entries; the oldest are merged
+/// into `ancient-changes` entries, one per apiVersion.
+fn cap_update_managers(managers: &mut Managers) {
+    let mut updaters: Vec<(i64, String)> =
+        managers.iter().filter(|(_, e)| e.operation == OP_UPDATE).map(|(k, e)| (e.seconds(), k.clone())).collect();
+    if updaters.len() <= MAX_UPDATE_MANAGERS {
+        return;
+    }
+    updaters.sort();
+    let mut length = updaters.len();
+    let mut first_for_version: BTreeMap<String, String> = BTreeMap::new();
+    for (_, key) in updaters {
+        if length <= MAX_UPDATE_MANAGERS {
+            break;
+        }
+        let Some(entry) = managers.get(&key).cloned() else {
+            continue;
+        };
+        let version = entry.api_version.clone();
+        let bucket = identifier(ANCIENT_CHANGES, OP_UPDATE, &version, "");
+        if key == bucket {
+            first_for_version.entry(version).or_insert(key);
+            continue;
+        }
+        let Some(first) = first_for_version.get(&version).cloned() else {
+            first_for_version.insert(version, key);
+            continue;
+        };
+        if !managers.contains_key(&bucket)
+            && let Some(mut moved) = managers.remove(&first)
+        {
+            moved.manager = ANCIENT_CHANGES.to_owned();
+            moved.operation = OP_UPDATE.to_owned();
+            moved.subresource = String::new();
+            moved.api_version = version.clone();
+            managers.insert(bucket.clone(), moved);
+        }
+        if let Some(b) = managers.get_mut(&bucket) {
+            b.set = entry.set.union(&b.set);
+            b.time = entry.time.clone();
+        }
+        managers.remove(&key);
+        length -= 1;
+    }
+}
+
+fn strip(set: &FieldSet) -> FieldSet {
+    set.difference(&strip_set())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------------------------
+
+/// A field whose value an apply would change while another manager owns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyConflict {
+    /// The name of the manager owning the field (e.g. `kubectl`).
+    pub manager: String,
+    /// The field in kube-apiserver's text form, e.g. `.spec.region` or
+    /// `.status.conditions[type="Ready"].status`.
+    pub field: String,
+    /// The owner's operation: `Apply` or `Update`.
+    pub operation: String,
+    /// The apiVersion of the owner's entry.
+    pub api_version: String,
+    /// The owner's subresource (`""` or `status`).
+    pub subresource: String,
+}
+
+impl ApplyConflict {
+    /// The owner as kube-apiserver describes it: `"kubectl"`, `"kubectl" using ims.io/v1alpha1`
+    /// for updaters, `"ctl" with subresource "status"` for subresource entries.
+    pub fn manager_description(&self) -> String {
+        let mut out = go_quote(&self.manager);
+        if !self.subresource.is_empty() {
+            out.push_str(&format!(" with subresource {}", go_quote(&self.subresource)));
+        }
+        if self.operation == OP_UPDATE {
+            out.push_str(&format!(" using {}", self.api_version));
+        }
+        out
+    }
+
+    /// The `message` of this conflict's `StatusCause`: `conflict with "kubectl"`.
+    pub fn cause_message(&self) -> String {
+        format!("conflict with {}", self.manager_description())
+    }
+
+    fn identifier(&self) -> String {
+        identifier(&self.manager, &self.operation, &self.api_version, &self.subresource)
+    }
+}
+
+/// The 409 Conflict message kube-apiserver writes, e.g.
+/// `Apply failed with 1 conflict: conflict with "kubectl" using ims.io/v1alpha1: .spec.region`;
+/// several conflicts are grouped by owner (`Apply failed with 2 conflicts: conflicts with "a":\n- .spec.x\n...`).
+pub fn conflict_message(conflicts: &[ApplyConflict]) -> String {
+    if let [one] = conflicts {
+        return format!("Apply failed with 1 conflict: conflict with {}: {}", one.manager_description(), one.field);
+    }
+    let mut groups: BTreeMap<String, (String, Vec<&str>)> = BTreeMap::new();
+    for c in conflicts {
+        groups.entry(c.identifier()).or_insert_with(|| (c.manager_description(), Vec::new())).1.push(&c.field);
+    }
+    let mut messages = Vec::new();
+    for (description, fields) in groups.into_values() {
+        messages.push(format!("conflicts with {description}:"));
+        messages.extend(fields.into_iter().map(|f| format!("- {f}")));
+    }
+    format!("Apply failed with {} conflicts: {}", conflicts.len(), messages.join("\n"))
+}
+
+/// The whole `v1.Status` body of kube-apiserver's 409 answer to a conflicting apply (reason
+/// `Conflict`, one `FieldManagerConflict` cause per field).
+pub fn conflict_status(conflicts: &[ApplyConflict]) -> Value {
+    let causes: Vec<Value> = conflicts
+        .iter()
+        .map(|c| json!({"reason": "FieldManagerConflict", "message": c.cause_message(), "field": c.field}))
+        .collect();
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": conflict_message(conflicts),
+        "reason": "Conflict",
+        "details": {"causes": causes},
+        "code": 409,
+    })
+}
+
+/// The `metadata.managedFields` entries of an object (entries that do not parse are skipped).
+pub fn managed_fields_of(obj: &Value) -> Vec<ManagedFieldsEntry> {
+    obj.pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .map(|items| items.iter().filter_map(|i| serde_json::from_value(i.clone()).ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Server-side apply of `applied` (the partial object the manager sent) by `manager` onto `live`
+/// (`None` = create).
+///
+/// Returns the new object (with `metadata.managedFields` updated) or, when `!force` and another
+/// manager owns a field the applied configuration sets to a different value, every conflict.
+///
+/// - Fields set by `applied` become owned by `manager`; with `force` they are taken away from the
+///   other managers. Setting a field to the value it already has is no conflict: ownership is
+///   shared.
+/// - Fields the manager applied before and no longer applies are removed from the object unless
+///   another manager still owns them.
+/// - Maps merge per key, list-maps per key, sets per value; atomic lists, atomic maps and scalars
+///   are replaced. A `null` in `applied` removes the field.
+/// - `metadata.resourceVersion`, `uid`, `creationTimestamp`, `generation`, `selfLink` and
+///   `managedFields` of `applied` are ignored (the live values stay); `apiVersion`, `kind`,
+///   `metadata.name` and `metadata.namespace` are never owned.
+/// - `subresource == Some("status")`: only `.status` of `applied` is applied (entry with
+///   subresource `status`); for the main resource, `.status` of `applied` is ignored when
+///   `has_status_subresource`.
+/// - The entry's time becomes `now` when the object changed (as kube-apiserver, a no-op apply
+///   keeps the previous time).
+#[allow(clippy::too_many_arguments)]
+pub fn apply(
+    schema: &MergeSchema,
+    live: Option<&Value>,
+    applied: &Value,
+    manager: &str,
+    subresource: Option<&str>,
+    has_status_subresource: bool,
+    force: bool,
+    now: &Time,
+) -> Result<Value, Vec<ApplyConflict>> {
+    let root = &schema.root;
+    let manager = if manager.is_empty() { "unknown" } else { manager };
+    let subresource = subresource.unwrap_or_default();
+
+    let mut live_obj = live.and_then(Value::as_object).cloned().unwrap_or_default();
+    let live_managed = take_managed_fields(&mut live_obj);
+    let mut managers = decode_managers(live_managed.as_ref(), false).unwrap_or_default();
+    let live = Value::Object(live_obj);
+
+    let mut config = applied.as_object().cloned().unwrap_or_default();
+    if let Some(md) = config.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in IGNORED_APPLIED_METADATA {
+            md.remove(*k);
+        }
+    }
+    if subresource == "status" {
+        config.retain(|k, _| k == "status");
+    } else if has_status_subresource {
+        config.remove("status");
+    }
+    let api_version = [applied, &live]
+        .iter()
+        .find_map(|o| o.get("apiVersion").and_then(Value::as_str).filter(|s| !s.is_empty()))
+        .unwrap_or_default()
+        .to_owned();
+    let config = Value::Object(config);
+
+    let merged = merge(root, &live, &config).unwrap_or_else(|| live.clone());
+    let id = identifier(manager, OP_APPLY, &api_version, subresource);
+    let previous = managers.get(&id).cloned();
+    let config_set = to_field_set(root, &config);
+    managers.insert(
+        id.clone(),
+        Entry {
+            manager: manager.to_owned(),
+            operation: OP_APPLY.to_owned(),
+            api_version,
+            subresource: subresource.to_owned(),
+            time: previous.as_ref().and_then(|p| p.time.clone()),
+            set: config_set.union(&identity_set()),
+        },
+    );
+    let new_obj = prune(root, merged, &managers, previous.as_ref().map(|p| &p.set));
+
+    let cmp = compare(root, &live, &new_obj);
+    let changed = cmp.modified.union(&cmp.added);
+    let conflicts: Vec<(String, FieldSet)> = managers
+        .iter()
+        .filter(|(k, _)| **k != id)
+        .map(|(k, e)| (k.clone(), e.set.intersection(&changed)))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
+    if !force && !conflicts.is_empty() {
+        let mut out = Vec::new();
+        for (k, set) in &conflicts {
+            let Some(owner) = managers.get(k) else {
+                continue;
+            };
+            out.extend(set.paths().iter().map(|p| ApplyConflict {
+                manager: owner.manager.clone(),
+                field: path_text(p),
+                operation: owner.operation.clone(),
+                api_version: owner.api_version.clone(),
+                subresource: owner.subresource.clone(),
+            }));
+        }
+        return Err(out);
+    }
+    for (k, set) in &conflicts {
+        if let Some(e) = managers.get_mut(k) {
+            e.set = e.set.difference(set);
+        }
+    }
+    for (k, e) in managers.iter_mut() {
+        if *k != id {
+            e.set = e.set.difference(&cmp.removed);
+        }
+    }
+    if let Some(e) = managers.get_mut(&id) {
+        e.set = strip(&config_set);
+        if !json_equal(&new_obj, &live) {
+            e.time = Some(now.clone());
+        }
+    }
+    managers.retain(|_, e| !e.set.is_empty());
+
+    let mut out = match new_obj {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    set_managed_fields(&mut out, encode_managers(&managers));
+    Ok(Value::Object(out))
+}
+
+/// After a non-apply write (create/update/patch), records that `manager` (operation `Update`)
+/// owns every field it changed between `old` (`None` = create: every field set) and `new`, taking
+/// them from other managers (as the real server does). Returns `new` with managedFields updated.
+///
+/// As kube-apiserver: the entry is keyed by manager, apiVersion and subresource, and its time
+/// becomes `now` only when the write changed something; fields removed by the write leave every
+/// entry; the managedFields of `new` are kept as the starting point when the client sent valid
+/// ones (`[{}]` resets them), otherwise those of `old` are used (always for subresources); at most
+/// 10 `Update` entries are kept, the oldest merged into `ancient-changes`. With
+/// `subresource == Some("status")` only changes under `.status` are recorded.
+pub fn record_update(
+    schema: &MergeSchema,
+    old: Option<&Value>,
+    new: &Value,
+    manager: &str,
+    subresource: Option<&str>,
+    now: &Time,
+) -> Value {
+    let root = &schema.root;
+    let Some(new_map) = new.as_object() else {
+        return new.clone();
+    };
+    let manager = if manager.is_empty() { "unknown" } else { manager };
+    let subresource = subresource.unwrap_or_default();
+
+    let mut new_obj = new_map.clone();
+    let new_managed = take_managed_fields(&mut new_obj);
+    let mut old_obj = match old.and_then(Value::as_object) {
+        Some(o) => o.clone(),
+        None => new_map
+            .iter()
+            .filter(|(k, _)| *k == "apiVersion" || *k == "kind")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    let old_managed = take_managed_fields(&mut old_obj);
+    let reset = matches!(&new_managed, Some(Value::Array(items)) if matches!(items.as_slice(), [Value::Object(e)] if e.is_empty()));
+    let mut managers = if !subresource.is_empty() {
+        decode_managers(old_managed.as_ref(), false)
+    } else if reset {
+        Some(Managers::new())
+    } else {
+        match decode_managers(new_managed.as_ref(), true) {
+            Some(m) if !m.is_empty() => Some(m),
+            _ => decode_managers(old_managed.as_ref(), false),
+        }
+    }
+    .unwrap_or_default();
+    let old = Value::Object(old_obj);
+    let new = Value::Object(new_obj);
+
+    let mut cmp = compare(root, &old, &new);
+    if subresource == "status" {
+        cmp.added = cmp.added.only_field("status");
+        cmp.modified = cmp.modified.only_field("status");
+        cmp.removed = cmp.removed.only_field("status");
+    }
+    let changed = cmp.modified.union(&cmp.added);
+    for e in managers.values_mut() {
+        e.set = e.set.difference(&changed).difference(&cmp.removed);
+    }
+    managers.retain(|_, e| !e.set.is_empty());
+
+    let own = strip(&changed.difference(&cmp.removed));
+    if !own.is_empty() {
+        let api_version = [&new, &old]
+            .iter()
+            .find_map(|o| o.get("apiVersion").and_then(Value::as_str).filter(|s| !s.is_empty()))
+            .unwrap_or_default()
+            .to_owned();
+        let id = identifier(manager, OP_UPDATE, &api_version, subresource);
+        let previous = managers.get(&id).map(|e| e.set.clone()).unwrap_or_default();
+        managers.insert(
+            id,
+            Entry {
+                manager: manager.to_owned(),
+                operation: OP_UPDATE.to_owned(),
+                api_version,
+                subresource: subresource.to_owned(),
+                time: Some(now.clone()),
+                set: own.union(&previous),
+            },
+        );
+    }
+    cap_update_managers(&mut managers);
+
+    let mut out = match new {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    set_managed_fields(&mut out, encode_managers(&managers));
+    Value::Object(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn json_string(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+/// JSON text with object members sorted, so equal values have equal text.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", json_string(k), m.get(k).map(canonical).unwrap_or_default()))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// Structural equality; numbers compare by value when one of them is not an integer.
+fn json_equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if x.is_f64() || y.is_f64() {
+                x.as_f64() == y.as_f64()
+            } else {
+                x == y
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_equal(a, b)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// structured-merge-diff's `value.ToString` of a canonical JSON text.
+fn value_text(canonical_json: &str) -> String {
+    match serde_json::from_str::<Value>(canonical_json) {
+        Ok(v) => go_value_text(&v),
+        Err(_) => canonical_json.to_owned(),
+    }
+}
+
+fn go_value_text(v: &Value) -> String {
+    match v {
+        Value::Null => "null".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => go_quote(s),
+        Value::Array(items) => format!("[{}]", items.iter().map(go_value_text).collect::<Vec<_>>().join(",")),
+        Value::Object(m) => m.iter().map(|(k, v)| format!("{k}={}", go_value_text(v))).collect(),
+    }
+}
+
+/// Go's `%q` (close enough for messages).
+fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,141 @@
+//! The resources the embedded API serves: the five ims.io kinds (from their generated CRDs) and
+//! the built-in kinds the operator and kubectl use.
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceColumnDefinition, CustomResourceDefinition,
+};
+use serde_json::{Value, json};
+
+use super::managed::MergeSchema;
+use crate::schema::CrdSchema;
+
+/// One served resource.
+pub struct Kind {
+    /// API group ("" for core).
+    pub group: String,
+    /// Version.
+    pub version: String,
+    /// Kind, e.g. `Image`.
+    pub kind: String,
+    /// Plural resource name, e.g. `images`.
+    pub plural: String,
+    /// Singular name.
+    pub singular: String,
+    /// Whether objects live in a namespace.
+    pub namespaced: bool,
+    /// Whether `/status` is a subresource (spec writes ignore status and vice versa).
+    pub has_status: bool,
+    /// Short names for discovery.
+    pub short_names: Vec<String>,
+    /// Categories for discovery (`kubectl get ims`).
+    pub categories: Vec<String>,
+    /// Structural schema and CEL rules (custom resources only).
+    pub schema: Option<CrdSchema>,
+    /// How server-side apply merges lists and maps.
+    pub merge: MergeSchema,
+    /// Printer columns for `kubectl get` tables.
+    pub columns: Vec<CustomResourceColumnDefinition>,
+    /// Custom resources count `metadata.generation`.
+    pub custom: bool,
+}
+
+impl Kind {
+    /// `apiVersion` of the kind's objects.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }
+    }
+
+    /// `plural.group` (or `plural` for core), as Status messages name the resource.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() { self.plural.clone() } else { format!("{}.{}", self.plural, self.group) }
+    }
+
+    /// Builds a served kind from a CRD (its storage version).
+    pub fn from_crd(crd: &CustomResourceDefinition) -> Result<Self, String> {
+        let version = crd
+            .spec
+            .versions
+            .iter()
+            .find(|v| v.storage)
+            .ok_or_else(|| format!("CRD {:?} has no storage version", crd.metadata.name))?;
+        let openapi = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).map(|s| json!(s));
+        Ok(Kind {
+            group: crd.spec.group.clone(),
+            version: version.name.clone(),
+            kind: crd.spec.names.kind.clone(),
+            plural: crd.spec.names.plural.clone(),
+            singular: crd.spec.names.singular.clone().unwrap_or_else(|| crd.spec.names.kind.to_lowercase()),
+            namespaced: crd.spec.scope == "Namespaced",
+            has_status: version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            short_names: crd.spec.names.short_names.clone().unwrap_or_default(),
+            categories: crd.spec.names.categories.clone().unwrap_or_default(),
+            schema: Some(CrdSchema::from_crd(crd)?),
+            merge: MergeSchema::from_openapi(openapi.as_ref()),
+            columns: version.additional_printer_columns.clone().unwrap_or_default(),
+            custom: true,
+        })
+    }
+
+    fn builtin(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool, has_status: bool) -> Self {
+        Kind {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            singular: kind.to_lowercase(),
+            namespaced,
+            has_status,
+            short_names: Vec::new(),
+            categories: Vec::new(),
+            schema: None,
+            merge: MergeSchema::from_openapi(None),
+            columns: Vec::new(),
+            custom: false,
+        }
+    }
+
+    /// The discovery entry (`APIResource`) of this kind and its status subresource.
+    pub fn discovery(&self) -> Vec<Value> {
+        let mut out = vec![json!({
+            "name": self.plural,
+            "singularName": self.singular,
+            "namespaced": self.namespaced,
+            "kind": self.kind,
+            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "shortNames": self.short_names,
+            "categories": self.categories,
+        })];
+        if self.short_names.is_empty() {
+            out[0].as_object_mut().map(|o| o.remove("shortNames"));
+        }
+        if self.categories.is_empty() {
+            out[0].as_object_mut().map(|o| o.remove("categories"));
+        }
+        if self.has_status {
+            out.push(json!({
+                "name": format!("{}/status", self.plural),
+                "singularName": "",
+                "namespaced": self.namespaced,
+                "kind": self.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        out
+    }
+}
+
+/// Every kind the embedded API serves.
+pub fn kinds() -> Result<Vec<Kind>, String> {
+    let mut kinds = vec![
+        Kind::builtin("", "v1", "Namespace", "namespaces", false, true),
+        Kind::builtin("", "v1", "Secret", "secrets", true, false),
+        Kind::builtin("events.k8s.io", "v1", "Event", "events", true, false),
+        Kind::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, false),
+    ];
+    kinds[0].short_names = vec!["ns".into()];
+    kinds[2].short_names = vec!["ev".into()];
+    for crd in crate::api::crds() {
+        kinds.push(Kind::from_crd(&crd)?);
+    }
+    Ok(kinds)
+}

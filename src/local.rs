@@ -1,0 +1,474 @@
+//! `ims-operator local`: the whole operator on the embedded API, no cluster needed.
+//!
+//! Applies a directory of manifests (Namespaces and Regions first) with server-side apply, runs
+//! every controller until the objects settle, and prints what a user would see with
+//! `kubectl get ims -A`. `--check` turns it into a GitOps pre-merge check; `--serve` keeps the
+//! API up for kubectl.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use kube::{
+    Api,
+    api::{DynamicObject, Patch, PatchParams},
+    core::ApiResource,
+};
+use serde_json::Value;
+
+use crate::{
+    controllers::{self, Context},
+    embedded::ApiServer,
+    policy::Policy,
+};
+
+/// Field manager of the objects `local` applies (as `kubectl apply --server-side` would).
+pub const FIELD_MANAGER: &str = "ims-local";
+
+/// One manifest document, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// File and document number, for messages.
+    pub origin: String,
+    /// The object.
+    pub object: Value,
+}
+
+/// Why `local` could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The manifest directory or a file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A document is not YAML, or not a Kubernetes object.
+    #[error("{origin}: {reason}")]
+    Manifest {
+        /// File and document.
+        origin: String,
+        /// What to change.
+        reason: String,
+    },
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir` (sorted by name; not recursive), one
+/// manifest per YAML document; empty documents are skipped. A single file works too.
+pub fn read_manifests(dir: &Path) -> Result<Vec<Manifest>, LocalError> {
+    let read_err = |path: &Path, e: &dyn std::fmt::Display| LocalError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut files: Vec<PathBuf> = if dir.is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        std::fs::read_dir(dir)
+            .map_err(|e| read_err(dir, &e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+            .collect()
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| read_err(&file, &e))?;
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            let origin = format!("{} (document {})", file.display(), i + 1);
+            let value: Value = serde::Deserialize::deserialize(doc)
+                .map_err(|e| LocalError::Manifest { origin: origin.clone(), reason: format!("not valid YAML: {e}") })?;
+            if value.is_null() {
+                continue;
+            }
+            for field in ["apiVersion", "kind"] {
+                if value.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    return Err(LocalError::Manifest { origin, reason: format!("`{field}` is missing") });
+                }
+            }
+            if value.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                return Err(LocalError::Manifest { origin, reason: "`metadata.name` is missing".into() });
+            }
+            out.push(Manifest { origin, object: value });
+        }
+    }
+    Ok(out)
+}
+
+/// Apply order: Namespaces, then Regions, then the rest in file order (as `kubectl apply`
+/// users expect, and so references resolve on the first pass).
+pub fn apply_order(manifests: &mut [Manifest]) {
+    manifests.sort_by_key(|m| match m.object.get("kind").and_then(Value::as_str) {
+        Some("Namespace") => 0,
+        Some("Region") => 1,
+        _ => 2,
+    });
+}
+
+/// The outcome of applying one manifest.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// Kind.
+    pub kind: String,
+    /// Namespace ("" when cluster-scoped).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The API server's refusal, if any.
+    pub error: Option<String>,
+}
+
+/// Applies manifests with server-side apply, creating namespaces that objects name but no
+/// manifest declares (as Argo CD's `CreateNamespace=true` does).
+pub async fn apply_all(server: &ApiServer, client: &kube::Client, manifests: &[Manifest]) -> Vec<Applied> {
+    let mut out = Vec::new();
+    let mut known_namespaces: Vec<String> = Vec::new();
+    for manifest in manifests {
+        let obj = &manifest.object;
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+        let kind_name = obj["kind"].as_str().unwrap_or_default();
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let mut applied =
+            Applied { kind: kind_name.to_string(), namespace: String::new(), name: name.clone(), error: None };
+        let Some(kind) = server.kinds().iter().find(|k| k.api_version() == api_version && k.kind == kind_name) else {
+            applied.error =
+                Some(format!("{api_version} {kind_name} is not served by the embedded API (from {})", manifest.origin));
+            out.push(applied);
+            continue;
+        };
+        let resource = ApiResource {
+            group: kind.group.clone(),
+            version: kind.version.clone(),
+            api_version: kind.api_version(),
+            kind: kind.kind.clone(),
+            plural: kind.plural.clone(),
+        };
+        let api: Api<DynamicObject> = if kind.namespaced {
+            let ns = obj["metadata"]["namespace"].as_str().filter(|n| !n.is_empty()).unwrap_or("default").to_string();
+            if !known_namespaces.contains(&ns) {
+                ensure_namespace(client, &ns).await;
+                known_namespaces.push(ns.clone());
+            }
+            applied.namespace = ns.clone();
+            Api::namespaced_with(client.clone(), &ns, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        if let Err(e) = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await {
+            applied.error = Some(match e {
+                kube::Error::Api(status) => status.message,
+                other => other.to_string(),
+            });
+        }
+        out.push(applied);
+    }
+    out
+}
+
+async fn ensure_namespace(client: &kube::Client, name: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    if api.get_opt(name).await.ok().flatten().is_none() {
+        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        let _ = api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&ns)).await;
+    }
+}
+
+/// One row of the settled table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Kind.
+    pub kind: String,
+    /// Namespace ("" for cluster-scoped).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `status.phase`, or Ready/NotReady for kinds without phases, or Rejected.
+    pub phase: String,
+    /// Reason of the Ready condition (or of the rejection).
+    pub reason: String,
+    /// Human message.
+    pub message: String,
+}
+
+impl Row {
+    /// Whether the row is a failure `--check` reports.
+    pub fn failed(&self) -> bool {
+        matches!(self.phase.as_str(), "Failed" | "Rejected" | "Stalled")
+    }
+}
+
+fn condition<'a>(obj: &'a Value, typ: &str) -> Option<&'a Value> {
+    obj.pointer("/status/conditions")?.as_array()?.iter().find(|c| c["type"] == typ)
+}
+
+/// What `kubectl get ims -A` would show of one object.
+pub fn row(kind: &str, obj: &Value) -> Row {
+    let ready = condition(obj, "Ready");
+    let stalled = condition(obj, "Stalled").is_some_and(|c| c["status"] == "True");
+    let phase = match obj.pointer("/status/phase").and_then(Value::as_str) {
+        Some(p) => p.to_string(),
+        None if stalled => "Stalled".into(),
+        None => match ready.and_then(|c| c["status"].as_str()) {
+            Some("True") => "Ready".into(),
+            Some(_) => "NotReady".into(),
+            None => "-".into(),
+        },
+    };
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    Row {
+        kind: kind.to_string(),
+        namespace: text(obj.pointer("/metadata/namespace")),
+        name: text(obj.pointer("/metadata/name")),
+        phase,
+        reason: text(ready.and_then(|c| c.get("reason"))),
+        message: text(ready.and_then(|c| c.get("message"))),
+    }
+}
+
+/// Every ims object, as rows ordered by kind, namespace and name.
+pub async fn rows(server: &ApiServer, client: &kube::Client) -> Vec<Row> {
+    let mut out = Vec::new();
+    for kind in server.kinds().iter().filter(|k| k.group == crate::api::GROUP) {
+        let resource = ApiResource {
+            group: kind.group.clone(),
+            version: kind.version.clone(),
+            api_version: kind.api_version(),
+            kind: kind.kind.clone(),
+            plural: kind.plural.clone(),
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        if let Ok(list) = api.list(&Default::default()).await {
+            for item in list.items {
+                let value = serde_json::to_value(&item).unwrap_or_default();
+                out.push(row(&kind.kind, &value));
+            }
+        }
+    }
+    out
+}
+
+/// Formats rows as a `kubectl get`-style table.
+pub fn table(rows: &[Row]) -> String {
+    let header = ["KIND", "NAMESPACE", "NAME", "PHASE", "REASON", "MESSAGE"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            let ns = if r.namespace.is_empty() { "-".to_string() } else { r.namespace.clone() };
+            let mut message = r.message.clone();
+            if message.chars().count() > 80 {
+                message = message.chars().take(77).collect::<String>() + "...";
+            }
+            [r.kind.clone(), ns, r.name.clone(), r.phase.clone(), r.reason.clone(), message]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut push = |cols: Vec<&str>| {
+        let line: Vec<String> = cols.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    };
+    push(header.to_vec());
+    for row in &cells {
+        push(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Waits until the API has seen no change for `quiet`, or `timeout` passes. Returns whether it
+/// settled.
+pub async fn settle(server: &ApiServer, quiet: Duration, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut last = server.resource_version();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.resource_version();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+    }
+}
+
+/// Flags of `local`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// Directory (or file) of manifests to apply.
+    #[arg(short = 'f', long = "filename", env = "IMS_LOCAL_MANIFESTS", default_value = "examples", value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// Where region stores and local state live.
+    #[arg(long, env = "IMS_DATA_DIR", default_value = ".ims", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Exit non-zero when any object ends Failed or Stalled, or is rejected (for GitOps CI).
+    #[arg(long, env = "IMS_LOCAL_CHECK")]
+    pub check: bool,
+    /// Keep running and serve the API on this address for kubectl (a kubeconfig is written
+    /// into the data directory).
+    #[arg(long, env = "IMS_LOCAL_SERVE", value_name = "ADDR")]
+    pub serve: Option<std::net::SocketAddr>,
+    /// Give up waiting for objects to settle after this many seconds.
+    #[arg(long, env = "IMS_LOCAL_TIMEOUT", default_value_t = 300, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// The platform namespace: the only one whose images may be `visibility: Public`.
+    #[arg(long, env = "IMS_PUBLIC_NAMESPACE", default_value = "ims-public")]
+    pub public_namespace: String,
+    /// Policy file (YAML) overriding the default limits.
+    #[arg(long, env = "IMS_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+/// Writes a kubeconfig for the served API.
+pub fn write_kubeconfig(path: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ims-local\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: ims-local\n  context:\n    cluster: ims-local\n    user: ims-local\n    namespace: default\ncurrent-context: ims-local\nusers:\n- name: ims-local\n  user: {{}}\n"
+    );
+    std::fs::write(path, text)
+}
+
+/// Runs `local`; returns the process exit code.
+pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let policy = match &args.policy {
+        Some(path) => Policy::from_file(path)?,
+        None => Policy::default(),
+    };
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| LocalError::Read { path: args.data_dir.display().to_string(), reason: e.to_string() })?;
+    let mut manifests = read_manifests(&args.manifests)?;
+    apply_order(&mut manifests);
+    eprintln!("ims-operator local: {} manifests from {}", manifests.len(), args.manifests.display());
+
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = Context { client: client.clone(), policy, public_namespace: args.public_namespace.clone() };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controllers = tokio::spawn(controllers::run(ctx, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let applied = apply_all(&server, &client, &manifests).await;
+    let rejected: Vec<&Applied> = applied.iter().filter(|a| a.error.is_some()).collect();
+    eprintln!(
+        "applied {} objects, {} rejected; waiting for them to settle...",
+        applied.len() - rejected.len(),
+        rejected.len()
+    );
+    let settled = settle(&server, Duration::from_secs(2), Duration::from_secs(args.timeout)).await;
+    if !settled {
+        eprintln!("warning: objects still changing after {}s; showing the current state", args.timeout);
+    }
+    let mut table_rows: Vec<Row> = rejected
+        .iter()
+        .map(|a| Row {
+            kind: a.kind.clone(),
+            namespace: a.namespace.clone(),
+            name: a.name.clone(),
+            phase: "Rejected".into(),
+            reason: "Invalid".into(),
+            message: a.error.clone().unwrap_or_default(),
+        })
+        .collect();
+    table_rows.extend(rows(&server, &client).await);
+    print!("{}", table(&table_rows));
+    for a in &rejected {
+        eprintln!("rejected {} {}/{}: {}", a.kind, a.namespace, a.name, a.error.as_deref().unwrap_or_default());
+    }
+
+    if let Some(addr) = args.serve {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let kubeconfig = args.data_dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, bound)?;
+        eprintln!(
+            "serving the API on http://{bound}; try:\n  export KUBECONFIG={}\n  kubectl get ims -A\n(Ctrl-C to stop)",
+            kubeconfig.display()
+        );
+        let serving = server.clone();
+        tokio::select! {
+            _ = serving.serve(listener) => {},
+            _ = crate::cli::shutdown_signal() => {},
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = controllers.await;
+    let failed = table_rows.iter().filter(|r| r.failed()).count();
+    if args.check && failed > 0 {
+        eprintln!("check failed: {failed} object(s) Failed, Stalled or Rejected");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_like_kubectl() {
+        let rows = vec![
+            Row {
+                kind: "Region".into(),
+                namespace: "".into(),
+                name: "eu-west".into(),
+                phase: "Ready".into(),
+                reason: "StoreReady".into(),
+                message: "".into(),
+            },
+            Row {
+                kind: "Image".into(),
+                namespace: "tenant-a".into(),
+                name: "ubuntu".into(),
+                phase: "Active".into(),
+                reason: "Active".into(),
+                message: "ok".into(),
+            },
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "KIND     NAMESPACE   NAME      PHASE    REASON       MESSAGE");
+        assert_eq!(lines[1], "Region   -           eu-west   Ready    StoreReady");
+        assert_eq!(lines[2], "Image    tenant-a    ubuntu    Active   Active       ok");
+    }
+
+    #[test]
+    fn namespaces_and_regions_are_applied_first() {
+        let m = |kind: &str| Manifest { origin: kind.into(), object: serde_json::json!({"kind": kind}) };
+        let mut list = vec![m("Image"), m("Region"), m("ImageShare"), m("Namespace")];
+        apply_order(&mut list);
+        let kinds: Vec<&str> = list.iter().map(|m| m.object["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["Namespace", "Region", "Image", "ImageShare"]);
+    }
+
+    #[test]
+    fn rows_take_phase_or_ready_condition() {
+        let img = serde_json::json!({"metadata": {"name": "a", "namespace": "t"}, "status": {"phase": "Failed", "conditions": [{"type": "Ready", "status": "False", "reason": "ChecksumMismatch", "message": "m"}]}});
+        let r = row("Image", &img);
+        assert_eq!((r.phase.as_str(), r.reason.as_str(), r.failed()), ("Failed", "ChecksumMismatch", true));
+        let region = serde_json::json!({"metadata": {"name": "r"}, "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "StoreReady"}]}});
+        assert_eq!(row("Region", &region).phase, "Ready");
+        assert_eq!(row("Region", &serde_json::json!({"metadata": {"name": "r"}})).phase, "-");
+    }
+
+    #[test]
+    fn bad_manifests_name_the_file_and_the_problem() {
+        let dir = std::env::temp_dir().join(format!("ims-local-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\nkind: Image\n")
+            .unwrap();
+        let err = read_manifests(&dir).unwrap_err().to_string();
+        assert!(err.ends_with("a.yaml (document 2): `apiVersion` is missing"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,194 @@
+//! The scenario harness: a scenario is written once and runs on the embedded API (default) and
+//! on the real cluster of KUBECONFIG (`IMS_E2E=1 cargo test -- --ignored`).
+//!
+//! Each scenario gets its own namespaces (generateName `ims-e2e-`), and they are deleted after
+//! it, also when it panics.
+
+#![allow(dead_code)]
+
+use std::{sync::Mutex, time::Duration};
+
+use ims_operator::{
+    api,
+    controllers::{self, Context},
+    embedded::ApiServer,
+    policy::Policy,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Resource,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::wait::{Condition, await_condition},
+};
+use serde::de::DeserializeOwned;
+
+/// Where a scenario runs.
+pub enum Backend {
+    /// The in-memory API server.
+    Embedded(ApiServer),
+    /// The cluster of KUBECONFIG.
+    Cluster,
+}
+
+/// A scenario's environment.
+pub struct Env {
+    /// Client for the backend.
+    pub client: Client,
+    /// Which backend.
+    pub backend: Backend,
+    namespaces: Mutex<Vec<String>>,
+    operator: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
+    /// Policy the in-process operator runs with.
+    pub policy: Policy,
+}
+
+/// How long a scenario waits for a condition before failing.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+impl Env {
+    /// A fresh embedded API server.
+    pub async fn embedded() -> Env {
+        let server = ApiServer::new();
+        Env {
+            client: server.client(),
+            backend: Backend::Embedded(server),
+            namespaces: Mutex::new(Vec::new()),
+            operator: Mutex::new(None),
+            policy: Policy::default(),
+        }
+    }
+
+    /// The cluster of KUBECONFIG, with the CRDs installed (server-side apply) and established.
+    pub async fn cluster() -> Env {
+        assert_eq!(
+            std::env::var("IMS_E2E").as_deref(),
+            Ok("1"),
+            "cluster scenarios need IMS_E2E=1 and KUBECONFIG pointing at a cluster"
+        );
+        let client = Client::try_default().await.expect("a cluster from KUBECONFIG");
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        for crd in api::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(&name, &PatchParams::apply("ims-e2e").force(), &Patch::Apply(&crd)).await.expect("install CRD");
+            let established = await_condition(crds.clone(), &name, kube::runtime::conditions::is_crd_established());
+            tokio::time::timeout(WAIT, established).await.expect("CRD established in time").expect("watch CRD");
+        }
+        Env {
+            client,
+            backend: Backend::Cluster,
+            namespaces: Mutex::new(Vec::new()),
+            operator: Mutex::new(None),
+            policy: Policy::default(),
+        }
+    }
+
+    /// The embedded server, for scenarios that inspect it (None on a cluster).
+    pub fn server(&self) -> Option<&ApiServer> {
+        match &self.backend {
+            Backend::Embedded(s) => Some(s),
+            Backend::Cluster => None,
+        }
+    }
+
+    /// A fresh namespace, deleted after the scenario.
+    pub async fn namespace(&self, prefix: &str) -> String {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let mut ns = Namespace::default();
+        ns.meta_mut().generate_name = Some(format!("ims-e2e-{prefix}-"));
+        let created = api.create(&PostParams::default(), &ns).await.expect("create namespace");
+        let name = created.meta().name.clone().expect("generated name");
+        self.namespaces.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// Starts the operator's controllers in-process.
+    pub fn start_operator(&self) {
+        let ctx =
+            Context { client: self.client.clone(), policy: self.policy.clone(), public_namespace: "ims-public".into() };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(controllers::run(ctx, async move {
+            let _ = rx.await;
+        }));
+        *self.operator.lock().unwrap() = Some((tx, handle));
+    }
+
+    /// Stops the in-process controllers (as a killed operator would stop).
+    pub async fn stop_operator(&self) {
+        let running = self.operator.lock().unwrap().take();
+        if let Some((tx, handle)) = running {
+            let _ = tx.send(());
+            let _ = handle.await;
+        }
+    }
+
+    /// Waits until `cond` holds for the named object.
+    pub async fn wait_for<K>(&self, api: &Api<K>, name: &str, cond: impl Condition<K>) -> Option<K>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        tokio::time::timeout(WAIT, await_condition(api.clone(), name, cond))
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {name}"))
+            .expect("watch")
+    }
+
+    /// Deletes the scenario's namespaces and stops the operator.
+    pub async fn cleanup(self) {
+        self.stop_operator().await;
+        let names = std::mem::take(&mut *self.namespaces.lock().unwrap());
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        for name in names {
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    /// A panicking cluster scenario still removes its namespaces.
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.namespaces.lock().unwrap());
+        if names.is_empty() || matches!(self.backend, Backend::Embedded(_)) {
+            return;
+        }
+        let client = self.client.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let api: Api<Namespace> = Api::all(client);
+                for name in names {
+                    let _ = api.delete(&name, &DeleteParams::default()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Declares scenarios: each runs on the embedded API, and (ignored by default) on a cluster.
+#[macro_export]
+macro_rules! scenarios {
+    ($(async fn $name:ident($env:ident: &Env) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn scenario($env: &$crate::support::Env) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                let env = $crate::support::Env::embedded().await;
+                scenario(&env).await;
+                env.cleanup().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs a cluster: IMS_E2E=1 KUBECONFIG=... cargo test -- --ignored"]
+            async fn cluster() {
+                let env = $crate::support::Env::cluster().await;
+                scenario(&env).await;
+                env.cleanup().await;
+            }
+        }
+    )*};
+}
