@@ -95,13 +95,13 @@ impl ApiError {
         Self::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
     }
 
-    /// 415.
-    pub fn unsupported_media_type(content_type: &str) -> Self {
+    /// 415, naming the media types this request accepts.
+    pub fn unsupported_media_type(content_type: &str, accepted: &str) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml; got {content_type:?}"
+                "the body of the request was in an unknown format - accepted media types include: {accepted}; got {content_type:?}"
             ),
         )
     }

@@ -1430,3 +1430,776 @@ fn go_quote(s: &str) -> String {
     out.push('"');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    const API: &str = "ims.io/v1alpha1";
+
+    fn at(second: i64) -> Time {
+        match Timestamp::from_second(second) {
+            Ok(t) => Time(t),
+            Err(e) => panic!("bad test time: {e}"),
+        }
+    }
+
+    fn t1() -> Time {
+        at(1_700_000_000)
+    }
+
+    fn image_schema() -> MergeSchema {
+        MergeSchema::from_openapi(Some(&json!({
+            "type": "object",
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                "spec": {
+                    "type": "object",
+                    "properties": {
+                        "region": {"type": "string"},
+                        "size": {"type": "integer"},
+                        "tags": {"type": "array", "items": {"type": "string"}},
+                        "tenants": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+                        "source": {
+                            "type": "object",
+                            "x-kubernetes-map-type": "atomic",
+                            "properties": {"url": {"type": "string"}, "checksum": {"type": "string"}}
+                        },
+                        "params": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "replicas": {
+                            "type": "array",
+                            "x-kubernetes-list-type": "map",
+                            "x-kubernetes-list-map-keys": ["region", "zone"],
+                            "items": {"type": "object", "properties": {
+                                "region": {"type": "string"}, "zone": {"type": "string"}, "count": {"type": "integer"}
+                            }}
+                        }
+                    }
+                },
+                "status": {
+                    "type": "object",
+                    "properties": {
+                        "phase": {"type": "string"},
+                        "conditions": {
+                            "type": "array",
+                            "x-kubernetes-list-type": "map",
+                            "x-kubernetes-list-map-keys": ["type"],
+                            "items": {"type": "object", "properties": {
+                                "type": {"type": "string"}, "status": {"type": "string"},
+                                "reason": {"type": "string"}, "message": {"type": "string"}
+                            }}
+                        }
+                    }
+                }
+            }
+        })))
+    }
+
+    fn image(spec: Value) -> Value {
+        json!({"apiVersion": API, "kind": "Image", "metadata": {"name": "img", "namespace": "tenant-a"}, "spec": spec})
+    }
+
+    fn with(mut obj: Value, key: &str, value: Value) -> Value {
+        if let Some(m) = obj.as_object_mut() {
+            m.insert(key.to_owned(), value);
+        }
+        obj
+    }
+
+    fn ok(r: Result<Value, Vec<ApplyConflict>>) -> Value {
+        match r {
+            Ok(v) => v,
+            Err(c) => panic!("unexpected conflicts: {}", conflict_message(&c)),
+        }
+    }
+
+    fn conflicts(r: Result<Value, Vec<ApplyConflict>>) -> Vec<ApplyConflict> {
+        match r {
+            Ok(v) => panic!("expected conflicts, got {v}"),
+            Err(c) => c,
+        }
+    }
+
+    fn ssa(live: Option<&Value>, applied: &Value, manager: &str) -> Result<Value, Vec<ApplyConflict>> {
+        apply(&image_schema(), live, applied, manager, None, true, false, &t1())
+    }
+
+    /// `(manager, operation, subresource) -> fieldsV1`
+    fn owners(obj: &Value) -> BTreeMap<(String, String, String), Value> {
+        managed_fields_of(obj)
+            .into_iter()
+            .map(|e| {
+                (
+                    (e.manager.unwrap_or_default(), e.operation.unwrap_or_default(), e.subresource.unwrap_or_default()),
+                    e.fields_v1.map(|f| f.0).unwrap_or(Value::Null),
+                )
+            })
+            .collect()
+    }
+
+    fn owned(obj: &Value, manager: &str, operation: &str) -> Value {
+        owners(obj).get(&(manager.to_owned(), operation.to_owned(), String::new())).cloned().unwrap_or(Value::Null)
+    }
+
+    fn without_managed(obj: &Value) -> Value {
+        let mut obj = obj.clone();
+        if let Some(md) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.remove("managedFields");
+        }
+        obj
+    }
+
+    #[test]
+    fn create_by_apply_records_the_applied_fields() {
+        let applied = json!({
+            "apiVersion": API, "kind": "Image",
+            "metadata": {"name": "img", "namespace": "tenant-a", "labels": {"app": "web"}},
+            "spec": {"region": "eu", "tenants": ["tenant-a"]}
+        });
+        let obj = ok(ssa(None, &applied, "kubectl"));
+        assert_eq!(without_managed(&obj), applied);
+        let entries = managed_fields_of(&obj);
+        assert_eq!(entries.len(), 1);
+        let e = &entries[0];
+        assert_eq!(e.manager.as_deref(), Some("kubectl"));
+        assert_eq!(e.operation.as_deref(), Some("Apply"));
+        assert_eq!(e.api_version.as_deref(), Some(API));
+        assert_eq!(e.fields_type.as_deref(), Some("FieldsV1"));
+        assert_eq!(e.subresource, None);
+        assert_eq!(e.time, Some(t1()));
+        assert_eq!(
+            e.fields_v1.as_ref().map(|f| f.0.clone()),
+            Some(json!({
+                "f:metadata": {"f:labels": {"f:app": {}}},
+                "f:spec": {"f:region": {}, "f:tenants": {"v:\"tenant-a\"": {}}}
+            }))
+        );
+    }
+
+    #[test]
+    fn two_managers_applying_disjoint_fields() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "a"));
+        let obj = ok(ssa(Some(&obj), &image(json!({"size": 10})), "b"));
+        assert_eq!(obj["spec"], json!({"region": "eu", "size": 10}));
+        assert_eq!(owned(&obj, "a", "Apply"), json!({"f:spec": {"f:region": {}}}));
+        assert_eq!(owned(&obj, "b", "Apply"), json!({"f:spec": {"f:size": {}}}));
+        // re-applying the same configuration is a no-op
+        let again = ok(ssa(Some(&obj), &image(json!({"size": 10})), "b"));
+        assert_eq!(again, obj);
+    }
+
+    #[test]
+    fn conflict_without_force_has_the_exact_message() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 1})), "kubectl"));
+        let c = conflicts(ssa(Some(&obj), &image(json!({"region": "us"})), "ims-operator"));
+        assert_eq!(
+            c,
+            vec![ApplyConflict {
+                manager: "kubectl".into(),
+                field: ".spec.region".into(),
+                operation: "Apply".into(),
+                api_version: API.into(),
+                subresource: String::new(),
+            }]
+        );
+        assert_eq!(conflict_message(&c), "Apply failed with 1 conflict: conflict with \"kubectl\": .spec.region");
+        let status = conflict_status(&c);
+        assert_eq!(status["code"], 409);
+        assert_eq!(status["reason"], "Conflict");
+        assert_eq!(
+            status["details"]["causes"],
+            json!([{"reason": "FieldManagerConflict", "message": "conflict with \"kubectl\"", "field": ".spec.region"}])
+        );
+        // the same value is no conflict: ownership is shared
+        let shared = ok(ssa(Some(&obj), &image(json!({"region": "eu"})), "ims-operator"));
+        assert_eq!(owned(&shared, "kubectl", "Apply"), json!({"f:spec": {"f:region": {}, "f:size": {}}}));
+        assert_eq!(owned(&shared, "ims-operator", "Apply"), json!({"f:spec": {"f:region": {}}}));
+    }
+
+    #[test]
+    fn several_conflicts_are_grouped_by_manager() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 1})), "b"));
+        let obj =
+            ok(ssa(Some(&obj), &with(image(json!({})), "metadata", json!({"name": "img", "labels": {"x": "1"}})), "a"));
+        let obj = record_update(
+            &image_schema(),
+            Some(&obj),
+            &with(obj.clone(), "spec", json!({"region": "eu", "size": 1, "tags": ["t"]})),
+            "kubectl",
+            None,
+            &t1(),
+        );
+        let applied = json!({
+            "apiVersion": API, "kind": "Image",
+            "metadata": {"name": "img", "labels": {"x": "2"}},
+            "spec": {"region": "us", "size": 2, "tags": ["u"]}
+        });
+        let c = conflicts(ssa(Some(&obj), &applied, "c"));
+        assert_eq!(
+            conflict_message(&c),
+            "Apply failed with 4 conflicts: conflicts with \"a\":\n- .metadata.labels.x\nconflicts with \"b\":\n- .spec.region\n- .spec.size\nconflicts with \"kubectl\" using ims.io/v1alpha1:\n- .spec.tags"
+        );
+    }
+
+    #[test]
+    fn force_takes_ownership() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "kubectl"));
+        let obj = ok(apply(
+            &image_schema(),
+            Some(&obj),
+            &image(json!({"region": "us"})),
+            "ims",
+            None,
+            true,
+            true,
+            &at(1_700_000_100),
+        ));
+        assert_eq!(obj["spec"]["region"], "us");
+        let o = owners(&obj);
+        assert_eq!(o.len(), 1, "kubectl lost its only field: {o:?}");
+        assert_eq!(owned(&obj, "ims", "Apply"), json!({"f:spec": {"f:region": {}}}));
+        // kubectl applying again now conflicts with ims
+        let c = conflicts(ssa(Some(&obj), &image(json!({"region": "eu"})), "kubectl"));
+        assert_eq!(conflict_message(&c), "Apply failed with 1 conflict: conflict with \"ims\": .spec.region");
+    }
+
+    #[test]
+    fn fields_dropped_from_the_configuration_are_removed() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 10, "params": {"a": "1", "b": "2"}})), "a"));
+        let obj = ok(ssa(Some(&obj), &image(json!({"region": "eu", "params": {"a": "1"}})), "a"));
+        assert_eq!(obj["spec"], json!({"region": "eu", "params": {"a": "1"}}));
+        assert_eq!(owned(&obj, "a", "Apply"), json!({"f:spec": {"f:params": {"f:a": {}}, "f:region": {}}}));
+        // unless someone else still owns them
+        let obj = ok(ssa(Some(&obj), &image(json!({"size": 3})), "b"));
+        let obj = ok(ssa(Some(&obj), &image(json!({"size": 3, "region": "eu"})), "b"));
+        let obj = ok(ssa(Some(&obj), &image(json!({"params": {"a": "1"}})), "a"));
+        assert_eq!(obj["spec"], json!({"region": "eu", "size": 3, "params": {"a": "1"}}));
+        // dropping everything under spec keeps fields nobody owns (e.g. defaults) only if someone
+        // owns something there; here b still does
+        let obj = ok(ssa(Some(&obj), &image(json!({})), "a"));
+        assert_eq!(obj["spec"], json!({"region": "eu", "size": 3}));
+        assert!(owners(&obj).keys().all(|(m, _, _)| m != "a"));
+    }
+
+    #[test]
+    fn fields_set_by_updaters_survive_pruning() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 1})), "a"));
+        let edited = with(obj.clone(), "spec", json!({"region": "eu", "size": 1, "tags": ["x"]}));
+        let obj = record_update(&image_schema(), Some(&obj), &edited, "kubectl-edit", None, &t1());
+        let obj = ok(ssa(Some(&obj), &image(json!({"region": "eu"})), "a"));
+        assert_eq!(obj["spec"], json!({"region": "eu", "tags": ["x"]}));
+    }
+
+    #[test]
+    fn conditions_list_map_applied_by_two_managers() {
+        let schema = image_schema();
+        let status = |conds: Value| with(image(json!({})), "status", json!({"conditions": conds}));
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "creator"));
+        let obj = ok(apply(
+            &schema,
+            Some(&obj),
+            &status(json!([{"type": "Ready", "status": "True"}])),
+            "ready-ctl",
+            Some("status"),
+            true,
+            false,
+            &t1(),
+        ));
+        let obj = ok(apply(
+            &schema,
+            Some(&obj),
+            &status(json!([{"type": "Synced", "status": "False", "reason": "Wait"}])),
+            "sync-ctl",
+            Some("status"),
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(
+            obj["status"]["conditions"],
+            json!([{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "False", "reason": "Wait"}])
+        );
+        let o = owners(&obj);
+        assert_eq!(
+            o.get(&("ready-ctl".to_owned(), "Apply".to_owned(), "status".to_owned())),
+            Some(
+                &json!({"f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {".": {}, "f:status": {}, "f:type": {}}}}})
+            )
+        );
+        // a status change of another manager's condition conflicts, with the k8s path text
+        let c = conflicts(apply(
+            &schema,
+            Some(&obj),
+            &status(json!([{"type": "Ready", "status": "False"}])),
+            "sync-ctl",
+            Some("status"),
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(
+            conflict_message(&c),
+            "Apply failed with 1 conflict: conflict with \"ready-ctl\" with subresource \"status\": .status.conditions[type=\"Ready\"].status"
+        );
+        // ready-ctl updates its condition in place and the other one stays
+        let obj = ok(apply(
+            &schema,
+            Some(&obj),
+            &status(json!([{"type": "Ready", "status": "False", "message": "m"}])),
+            "ready-ctl",
+            Some("status"),
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(
+            obj["status"]["conditions"],
+            json!([{"type": "Ready", "status": "False", "message": "m"}, {"type": "Synced", "status": "False", "reason": "Wait"}])
+        );
+        // dropping its condition removes it; sync-ctl's stays
+        let obj = ok(apply(&schema, Some(&obj), &status(json!([])), "ready-ctl", Some("status"), true, false, &t1()));
+        assert_eq!(obj["status"]["conditions"], json!([{"type": "Synced", "status": "False", "reason": "Wait"}]));
+        assert!(!owners(&obj).contains_key(&("ready-ctl".to_owned(), "Apply".to_owned(), "status".to_owned())));
+    }
+
+    #[test]
+    fn list_map_with_composite_keys_keeps_order() {
+        let schema = image_schema();
+        let obj = ok(ssa(
+            None,
+            &image(
+                json!({"replicas": [{"region": "eu", "zone": "a", "count": 1}, {"region": "us", "zone": "b", "count": 2}]}),
+            ),
+            "a",
+        ));
+        let obj = ok(apply(
+            &schema,
+            Some(&obj),
+            &image(json!({"replicas": [{"region": "ap", "zone": "c", "count": 3}]})),
+            "b",
+            None,
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(obj["spec"]["replicas"].as_array().map(Vec::len), Some(3));
+        assert_eq!(
+            owned(&obj, "b", "Apply"),
+            json!({"f:spec": {"f:replicas": {"k:{\"region\":\"ap\",\"zone\":\"c\"}": {".": {}, "f:count": {}, "f:region": {}, "f:zone": {}}}}})
+        );
+        let c = conflicts(apply(
+            &schema,
+            Some(&obj),
+            &image(json!({"replicas": [{"region": "eu", "zone": "a", "count": 5}]})),
+            "b",
+            None,
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(c[0].field, ".spec.replicas[region=\"eu\",zone=\"a\"].count");
+    }
+
+    #[test]
+    fn finalizers_are_a_set() {
+        let meta =
+            |fins: Value| json!({"apiVersion": API, "kind": "Image", "metadata": {"name": "img", "finalizers": fins}});
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "creator"));
+        let obj = ok(ssa(Some(&obj), &meta(json!(["ims.io/cleanup"])), "a"));
+        let obj = ok(ssa(Some(&obj), &meta(json!(["ims.io/quota"])), "b"));
+        assert_eq!(obj["metadata"]["finalizers"], json!(["ims.io/cleanup", "ims.io/quota"]));
+        assert_eq!(owned(&obj, "a", "Apply"), json!({"f:metadata": {"f:finalizers": {"v:\"ims.io/cleanup\"": {}}}}));
+        // both may claim the same value without conflict (shared items take the applier's order)
+        let obj = ok(ssa(Some(&obj), &meta(json!(["ims.io/quota", "ims.io/cleanup"])), "b"));
+        assert_eq!(obj["metadata"]["finalizers"], json!(["ims.io/quota", "ims.io/cleanup"]));
+        let obj = ok(ssa(Some(&obj), &meta(json!([])), "a"));
+        assert_eq!(obj["metadata"]["finalizers"], json!(["ims.io/quota", "ims.io/cleanup"]));
+        let obj = ok(ssa(Some(&obj), &meta(json!(["ims.io/quota"])), "b"));
+        assert_eq!(obj["metadata"]["finalizers"], json!(["ims.io/quota"]));
+        assert_eq!(obj["metadata"]["name"], "img");
+        assert_eq!(obj["spec"]["region"], "eu");
+    }
+
+    #[test]
+    fn labels_merge_per_key() {
+        let meta =
+            |labels: Value| json!({"apiVersion": API, "kind": "Image", "metadata": {"name": "img", "labels": labels}});
+        let obj = ok(ssa(None, &meta(json!({"app": "web"})), "a"));
+        let obj = ok(ssa(Some(&obj), &meta(json!({"tier": "front"})), "b"));
+        assert_eq!(obj["metadata"]["labels"], json!({"app": "web", "tier": "front"}));
+        let obj = ok(ssa(Some(&obj), &meta(json!({})), "a"));
+        assert_eq!(obj["metadata"]["labels"], json!({"tier": "front"}));
+        let obj = ok(ssa(Some(&obj), &json!({"apiVersion": API, "kind": "Image", "metadata": {"name": "img"}}), "b"));
+        assert!(obj["metadata"].get("labels").is_none());
+        assert_eq!(obj["metadata"]["name"], "img");
+        assert!(managed_fields_of(&obj).is_empty());
+    }
+
+    #[test]
+    fn owner_references_are_keyed_by_uid() {
+        let refs =
+            |r: Value| json!({"apiVersion": API, "kind": "Image", "metadata": {"name": "img", "ownerReferences": r}});
+        let r1 = json!({"apiVersion": "v1", "kind": "Pool", "name": "p1", "uid": "u1", "controller": true});
+        let r2 = json!({"apiVersion": "v1", "kind": "Pool", "name": "p2", "uid": "u2"});
+        let obj = ok(ssa(None, &refs(json!([r1])), "a"));
+        let obj = ok(ssa(Some(&obj), &refs(json!([r2])), "b"));
+        assert_eq!(obj["metadata"]["ownerReferences"], json!([r1, r2]));
+        let fields = owned(&obj, "b", "Apply");
+        assert!(fields["f:metadata"]["f:ownerReferences"].get("k:{\"uid\":\"u2\"}").is_some(), "{fields}");
+    }
+
+    #[test]
+    fn status_subresource_apply_leaves_spec_alone() {
+        let schema = image_schema();
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "kubectl"));
+        let applied = with(image(json!({"region": "us", "size": 99})), "status", json!({"phase": "Ready"}));
+        let obj = ok(apply(&schema, Some(&obj), &applied, "ims", Some("status"), true, false, &t1()));
+        assert_eq!(obj["spec"], json!({"region": "eu"}));
+        assert_eq!(obj["status"], json!({"phase": "Ready"}));
+        assert_eq!(
+            owners(&obj).get(&("ims".to_owned(), "Apply".to_owned(), "status".to_owned())),
+            Some(&json!({"f:status": {"f:phase": {}}}))
+        );
+        // and the main resource ignores status when the kind has a status subresource
+        let obj2 = ok(apply(
+            &schema,
+            Some(&obj),
+            &with(image(json!({"region": "eu"})), "status", json!({"phase": "Lost"})),
+            "kubectl",
+            None,
+            true,
+            false,
+            &t1(),
+        ));
+        assert_eq!(obj2["status"], json!({"phase": "Ready"}));
+        // without a status subresource, status is an ordinary field (and conflicts)
+        let c = conflicts(apply(
+            &schema,
+            Some(&obj),
+            &with(image(json!({"region": "eu"})), "status", json!({"phase": "Lost"})),
+            "kubectl",
+            None,
+            false,
+            false,
+            &t1(),
+        ));
+        assert_eq!(
+            conflict_message(&c),
+            "Apply failed with 1 conflict: conflict with \"ims\" with subresource \"status\": .status.phase"
+        );
+    }
+
+    #[test]
+    fn record_update_then_apply_by_another_manager_conflicts() {
+        let schema = image_schema();
+        let created = record_update(&schema, None, &image(json!({"region": "eu", "size": 1})), "kubectl", None, &t1());
+        assert_eq!(
+            owners(&created).get(&("kubectl".to_owned(), "Update".to_owned(), String::new())),
+            Some(&json!({"f:spec": {".": {}, "f:region": {}, "f:size": {}}}))
+        );
+        let c = conflicts(ssa(Some(&created), &image(json!({"region": "us"})), "ims-operator"));
+        assert_eq!(
+            conflict_message(&c),
+            "Apply failed with 1 conflict: conflict with \"kubectl\" using ims.io/v1alpha1: .spec.region"
+        );
+        assert_eq!(c[0].cause_message(), "conflict with \"kubectl\" using ims.io/v1alpha1");
+        // forced, the operator takes the field; kubectl keeps the rest
+        let obj = ok(apply(
+            &schema,
+            Some(&created),
+            &image(json!({"region": "us"})),
+            "ims-operator",
+            None,
+            true,
+            true,
+            &t1(),
+        ));
+        assert_eq!(owned(&obj, "kubectl", "Update"), json!({"f:spec": {".": {}, "f:size": {}}}));
+        assert_eq!(owned(&obj, "ims-operator", "Apply"), json!({"f:spec": {"f:region": {}}}));
+    }
+
+    #[test]
+    fn record_update_takes_fields_from_appliers() {
+        let schema = image_schema();
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 1})), "ims"));
+        let edited = with(obj.clone(), "spec", json!({"region": "us", "size": 1}));
+        let obj = record_update(&schema, Some(&obj), &edited, "kubectl-edit", None, &at(1_700_000_500));
+        assert_eq!(owned(&obj, "ims", "Apply"), json!({"f:spec": {"f:size": {}}}));
+        assert_eq!(owned(&obj, "kubectl-edit", "Update"), json!({"f:spec": {"f:region": {}}}));
+        let entries = managed_fields_of(&obj);
+        assert_eq!(
+            entries.iter().map(|e| e.operation.clone().unwrap_or_default()).collect::<Vec<_>>(),
+            ["Apply", "Update"]
+        );
+        assert_eq!(entries[1].time, Some(at(1_700_000_500)));
+        // removing a field removes it from every owner
+        let trimmed = with(obj.clone(), "spec", json!({"region": "us"}));
+        let obj = record_update(&schema, Some(&obj), &trimmed, "kubectl-edit", None, &at(1_700_000_600));
+        assert!(owners(&obj).keys().all(|(m, _, _)| m != "ims"));
+        // the applier re-applying the old value now conflicts with the updater
+        let c = conflicts(ssa(Some(&obj), &image(json!({"region": "eu", "size": 1})), "ims"));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].field, ".spec.region");
+        assert_eq!(c[0].operation, "Update");
+    }
+
+    #[test]
+    fn record_update_create_and_noop() {
+        let schema = image_schema();
+        let new = json!({
+            "apiVersion": API, "kind": "Image",
+            "metadata": {"name": "img", "namespace": "tenant-a", "labels": {"app": "web"}, "uid": "u", "resourceVersion": "1", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"region": "eu", "tags": ["a"]}
+        });
+        let created = record_update(&schema, None, &new, "", None, &t1());
+        assert_eq!(without_managed(&created), new);
+        assert_eq!(
+            owned(&created, "unknown", "Update"),
+            json!({"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": {".": {}, "f:region": {}, "f:tags": {}}})
+        );
+        // an update that changes nothing keeps entries (and times) as they are
+        let same = record_update(&schema, Some(&created), &created, "other", None, &at(1_800_000_000));
+        assert_eq!(same, created);
+        // status writes are a separate entry
+        let with_status = with(created.clone(), "status", json!({"phase": "Ready"}));
+        let obj = record_update(&schema, Some(&created), &with_status, "ims", Some("status"), &t1());
+        assert_eq!(
+            owners(&obj).get(&("ims".to_owned(), "Update".to_owned(), "status".to_owned())),
+            Some(&json!({"f:status": {".": {}, "f:phase": {}}}))
+        );
+    }
+
+    #[test]
+    fn record_update_honours_managed_fields_sent_by_the_client() {
+        let schema = image_schema();
+        let obj = ok(ssa(None, &image(json!({"region": "eu"})), "a"));
+        // [{}] resets them: only the writer's own changes are tracked afterwards
+        let mut reset = with(obj.clone(), "spec", json!({"region": "eu", "size": 2}));
+        if let Some(md) = reset.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.insert("managedFields".into(), json!([{}]));
+        }
+        let out = record_update(&schema, Some(&obj), &reset, "w", None, &t1());
+        assert_eq!(owners(&out).len(), 1);
+        assert_eq!(owned(&out, "w", "Update"), json!({"f:spec": {"f:size": {}}}));
+        // garbage sent by the client falls back to the stored entries
+        let mut garbage = reset.clone();
+        if let Some(md) = garbage.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.insert("managedFields".into(), json!([{"manager": "x", "operation": "Bogus"}]));
+        }
+        let out = record_update(&schema, Some(&obj), &garbage, "w", None, &t1());
+        assert_eq!(owned(&out, "a", "Apply"), json!({"f:spec": {"f:region": {}}}));
+    }
+
+    #[test]
+    fn applied_system_metadata_is_ignored() {
+        let live = with(
+            image(json!({"region": "eu"})),
+            "metadata",
+            json!({
+                "name": "img", "namespace": "tenant-a", "uid": "live-uid", "resourceVersion": "7", "generation": 3,
+                "creationTimestamp": "2024-01-01T00:00:00Z"
+            }),
+        );
+        let applied = with(
+            image(json!({"region": "eu", "size": 1})),
+            "metadata",
+            json!({
+                "name": "img", "namespace": "tenant-a", "uid": "other", "resourceVersion": "1", "generation": 9,
+                "creationTimestamp": "2020-01-01T00:00:00Z", "managedFields": [{"manager": "evil", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+            }),
+        );
+        let obj = ok(ssa(Some(&live), &applied, "a"));
+        assert_eq!(obj["metadata"]["uid"], "live-uid");
+        assert_eq!(obj["metadata"]["resourceVersion"], "7");
+        assert_eq!(obj["metadata"]["generation"], 3);
+        assert_eq!(obj["metadata"]["creationTimestamp"], "2024-01-01T00:00:00Z");
+        assert_eq!(owners(&obj).len(), 1);
+        assert_eq!(owned(&obj, "a", "Apply"), json!({"f:spec": {"f:region": {}, "f:size": {}}}));
+    }
+
+    #[test]
+    fn atomic_lists_and_maps_are_replaced_whole() {
+        let obj = ok(ssa(None, &image(json!({"tags": ["a", "b"], "source": {"url": "u", "checksum": "c"}})), "a"));
+        assert_eq!(owned(&obj, "a", "Apply"), json!({"f:spec": {"f:source": {}, "f:tags": {}}}));
+        let c = conflicts(ssa(Some(&obj), &image(json!({"tags": ["a"], "source": {"url": "u"}})), "b"));
+        assert_eq!(c.iter().map(|c| c.field.as_str()).collect::<Vec<_>>(), [".spec.source", ".spec.tags"]);
+        let obj = ok(ssa(Some(&obj), &image(json!({"tags": ["z"], "source": {"url": "v"}})), "a"));
+        assert_eq!(obj["spec"], json!({"tags": ["z"], "source": {"url": "v"}}));
+    }
+
+    #[test]
+    fn null_in_the_configuration_removes_the_field() {
+        let obj = ok(ssa(None, &image(json!({"region": "eu", "size": 1})), "a"));
+        let obj = ok(ssa(Some(&obj), &image(json!({"region": "eu", "size": null})), "a"));
+        assert_eq!(obj["spec"], json!({"region": "eu"}));
+    }
+
+    #[test]
+    fn schemaless_kinds_merge_maps_and_replace_lists() {
+        let schema = MergeSchema::from_openapi(None);
+        let cm =
+            |data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": data});
+        let obj = ok(apply(&schema, None, &cm(json!({"a": "1", "list": [1, 2]})), "x", None, false, false, &t1()));
+        let obj = ok(apply(&schema, Some(&obj), &cm(json!({"b": "2"})), "y", None, false, false, &t1()));
+        assert_eq!(obj["data"], json!({"a": "1", "b": "2", "list": [1, 2]}));
+        // map items are members of the set: "." on nested maps
+        assert_eq!(owned(&obj, "y", "Apply"), json!({"f:data": {".": {}, "f:b": {}}}));
+        let c = conflicts(apply(&schema, Some(&obj), &cm(json!({"list": [3]})), "y", None, false, false, &t1()));
+        assert_eq!(c[0].field, ".data.list");
+        assert_eq!(MergeSchema::default(), schema);
+    }
+
+    #[test]
+    fn update_entries_are_capped_at_ten() {
+        let schema = image_schema();
+        let mut obj = record_update(&schema, None, &image(json!({"size": 0})), "m0", None, &at(1_000));
+        let mut spec = json!({"size": 0});
+        for i in 1..=12 {
+            if let Some(m) = spec.as_object_mut() {
+                m.insert(format!("f{i}"), json!(i));
+            }
+            let new = with(obj.clone(), "spec", spec.clone());
+            obj = record_update(&schema, Some(&obj), &new, &format!("m{i}"), None, &at(1_000 + i));
+        }
+        let entries = managed_fields_of(&obj);
+        assert_eq!(entries.len(), 10);
+        let ancient: Vec<_> = entries.iter().filter(|e| e.manager.as_deref() == Some("ancient-changes")).collect();
+        assert_eq!(ancient.len(), 1);
+        let fields = ancient[0].fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default();
+        for f in ["f:size", "f:f1", "f:f2", "f:f3"] {
+            assert!(fields["f:spec"].get(f).is_some(), "{f} in {fields}");
+        }
+        assert_eq!(ancient[0].time, Some(at(1_003)));
+    }
+
+    #[test]
+    fn entries_are_sorted_like_the_apiserver() {
+        let schema = image_schema();
+        let obj = record_update(&schema, None, &image(json!({"size": 1})), "zeta", None, &at(5));
+        let obj = ok(apply(&schema, Some(&obj), &image(json!({"region": "eu"})), "beta", None, true, false, &at(9)));
+        let obj = ok(apply(&schema, Some(&obj), &image(json!({"tags": ["x"]})), "alpha", None, true, false, &at(9)));
+        let obj = record_update(
+            &schema,
+            Some(&obj),
+            &with(obj.clone(), "spec", json!({"size": 1, "region": "eu", "tags": ["x"], "params": {"k": "v"}})),
+            "aaa",
+            None,
+            &at(7),
+        );
+        let order: Vec<String> = managed_fields_of(&obj).into_iter().map(|e| e.manager.unwrap_or_default()).collect();
+        assert_eq!(order, ["alpha", "beta", "zeta", "aaa"]);
+        // a no-op apply keeps the previous time
+        let again = ok(apply(&schema, Some(&obj), &image(json!({"tags": ["x"]})), "alpha", None, true, false, &at(99)));
+        assert_eq!(again, obj);
+    }
+
+    #[test]
+    fn fields_v1_round_trip() {
+        let raw = json!({
+            "f:metadata": {"f:labels": {".": {}, "f:app": {}}, "f:finalizers": {"v:\"a\"": {}, ".": {}}},
+            "f:spec": {"f:replicas": {"k:{\"zone\":\"a\",\"region\":\"eu\"}": {".": {}, "f:count": {}}}, "f:list": {"i:0": {}}},
+            "x:unknown": {}, "bad": {}
+        });
+        let set = FieldSet::from_json(&raw);
+        assert_eq!(
+            set.to_json(),
+            json!({
+                "f:metadata": {"f:finalizers": {".": {}, "v:\"a\"": {}}, "f:labels": {".": {}, "f:app": {}}},
+                "f:spec": {"f:list": {"i:0": {}}, "f:replicas": {"k:{\"region\":\"eu\",\"zone\":\"a\"}": {".": {}, "f:count": {}}}}
+            })
+        );
+        let texts: Vec<String> = set.paths().iter().map(|p| path_text(p)).collect();
+        assert!(texts.contains(&".spec.replicas[region=\"eu\",zone=\"a\"].count".to_owned()), "{texts:?}");
+        assert!(texts.contains(&".metadata.finalizers[=\"a\"]".to_owned()), "{texts:?}");
+        assert!(texts.contains(&".spec.list[0]".to_owned()), "{texts:?}");
+        assert_eq!(FieldSet::from_json(&json!("garbage")), FieldSet::default());
+    }
+
+    #[test]
+    fn conflict_message_formats() {
+        let c = |m: &str, op: &str, sub: &str, f: &str| ApplyConflict {
+            manager: m.into(),
+            field: f.into(),
+            operation: op.into(),
+            api_version: API.into(),
+            subresource: sub.into(),
+        };
+        assert_eq!(
+            conflict_message(&[c("kubectl", "Update", "", ".spec.region")]),
+            "Apply failed with 1 conflict: conflict with \"kubectl\" using ims.io/v1alpha1: .spec.region"
+        );
+        assert_eq!(
+            conflict_message(&[c("foo", "Update", "scale", ".spec.replicas")]),
+            "Apply failed with 1 conflict: conflict with \"foo\" with subresource \"scale\" using ims.io/v1alpha1: .spec.replicas"
+        );
+        assert_eq!(
+            conflict_message(&[
+                c("foo", "Update", "", ".spec.replicas"),
+                c("bar", "Apply", "", ".metadata.labels.app")
+            ]),
+            "Apply failed with 2 conflicts: conflicts with \"bar\":\n- .metadata.labels.app\nconflicts with \"foo\" using ims.io/v1alpha1:\n- .spec.replicas"
+        );
+    }
+
+    #[test]
+    fn schema_extensions_are_read() {
+        let s = MergeSchema::from_openapi(Some(&json!({
+            "type": "object",
+            "properties": {
+                "spec": {"type": "object", "properties": {
+                    "ios": {"x-kubernetes-int-or-string": true},
+                    "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    "badmap": {"type": "array", "x-kubernetes-list-type": "map", "items": {"type": "object"}}
+                }}
+            }
+        })));
+        let Node::Object(root) = &s.root else { panic!("root must be an object") };
+        let Some(Node::Object(spec)) = root.fields.get("spec") else { panic!("spec must be an object") };
+        assert_eq!(spec.fields.get("ios"), Some(&Node::Scalar));
+        assert!(matches!(spec.fields.get("free"), Some(Node::Object(ObjectNode { rest: Some(_), .. }))));
+        assert!(matches!(spec.fields.get("badmap"), Some(Node::List(ListNode { kind: ListKind::Atomic, .. }))));
+        assert!(matches!(root.fields.get("metadata"), Some(Node::Object(_))));
+    }
+
+    #[test]
+    fn never_panics_on_odd_input() {
+        let schemas = [
+            MergeSchema::from_openapi(None),
+            image_schema(),
+            MergeSchema::from_openapi(Some(&json!("nonsense"))),
+            MergeSchema::from_openapi(Some(&json!({"type": "array", "items": 3}))),
+            MergeSchema::from_openapi(Some(
+                &json!({"type": "object", "properties": {"spec": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [1, "k"]}}}),
+            )),
+        ];
+        let values = [
+            Value::Null,
+            json!(3),
+            json!("s"),
+            json!([1, 2]),
+            json!({}),
+            json!({"metadata": "x"}),
+            json!({"metadata": {"managedFields": "x"}}),
+            json!({"metadata": {"managedFields": [1, {"operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"k:{bad": {}, "v:": {}, "i:x": {}, "f:a": 3}}}]}}),
+            json!({"spec": [1, {"k": null}, [2]], "status": {"conditions": [1, {"type": null}, {"type": "A"}, {"type": "A"}]}}),
+            json!({"spec": {"region": {"deep": [null]}, "tags": "x", "replicas": [{"region": "eu"}, "x", null]}, "metadata": {"finalizers": [{"a": 1}, null], "labels": [1]}}),
+            image(json!({"region": "eu"})),
+        ];
+        for schema in &schemas {
+            for live in &values {
+                for applied in &values {
+                    for sub in [None, Some("status"), Some("scale")] {
+                        let _ = apply(schema, Some(live), applied, "m", sub, true, false, &t1());
+                        let _ = apply(schema, Some(live), applied, "", sub, false, true, &t1());
+                        let _ = record_update(schema, Some(live), applied, "u", sub, &t1());
+                    }
+                }
+                let _ = apply(schema, None, live, "m", None, false, false, &t1());
+                let _ = record_update(schema, None, live, "u", None, &t1());
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 
 mod errors;
 pub mod managed;
+mod openapi;
 pub mod patch;
 mod registry;
 pub mod selector;
@@ -272,6 +273,17 @@ impl Inner {
                 ));
             }
             ["apis"] => return Ok(Reply::Json(200, self.group_list())),
+            ["openapi", "v3"] => return Ok(Reply::Json(200, openapi::root(&self.kinds))),
+            ["openapi", "v3", "api", version] => {
+                return openapi::document(&self.kinds, "", version)
+                    .map(|d| Reply::Json(200, d))
+                    .ok_or_else(ApiError::no_route);
+            }
+            ["openapi", "v3", "apis", group, version] => {
+                return openapi::document(&self.kinds, group, version)
+                    .map(|d| Reply::Json(200, d))
+                    .ok_or_else(ApiError::no_route);
+            }
             ["apis", group] => return self.group(group).map(|g| Reply::Json(200, g)).ok_or_else(ApiError::no_route),
             ["api", "v1", rest @ ..] => ("", "v1", rest),
             ["apis", group, version, rest @ ..] => (*group, *version, rest),
@@ -282,6 +294,16 @@ impl Inner {
         }
         let target = self.target(group, version, rest)?;
         let watch = req.query.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let media = req.content_type.split(';').next().unwrap_or_default().trim();
+        if matches!(req.method, http::Method::POST | http::Method::PUT)
+            && !media.is_empty()
+            && media != "application/json"
+        {
+            return Err(ApiError::unsupported_media_type(
+                media,
+                "application/json (the embedded API does not speak protobuf: use kubectl apply)",
+            ));
+        }
         let body = req.body.as_ref();
         match (&req.method, &target.name) {
             (&http::Method::GET, None) if watch => Ok(Reply::Watch(self.watch(&target, &req.query)?)),

@@ -37,6 +37,8 @@ pub struct Kind {
     pub columns: Vec<CustomResourceColumnDefinition>,
     /// Custom resources count `metadata.generation`.
     pub custom: bool,
+    /// The openAPIV3Schema (custom resources), for `/openapi/v3`.
+    pub openapi: Option<Value>,
 }
 
 impl Kind {
@@ -73,6 +75,7 @@ impl Kind {
             merge: MergeSchema::from_openapi(openapi.as_ref()),
             columns: version.additional_printer_columns.clone().unwrap_or_default(),
             custom: true,
+            openapi,
         })
     }
 
@@ -91,6 +94,7 @@ impl Kind {
             merge: MergeSchema::from_openapi(None),
             columns: Vec::new(),
             custom: false,
+            openapi: None,
         }
     }
 

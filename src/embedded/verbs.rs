@@ -14,6 +14,9 @@ use super::{
     store::{Key, Store},
 };
 
+/// Patch media types custom resources accept.
+const PATCH_TYPES: &str = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml";
+
 /// What a request addresses.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -179,6 +182,9 @@ impl Inner {
         applied_fields: Option<Value>,
     ) -> Result<(u16, Value), ApiError> {
         let kind = self.kind(target);
+        if kind.namespaced && target.namespace.is_none() {
+            return Err(ApiError::method_not_allowed());
+        }
         self.check_type(kind, &obj)?;
         let mut store = self.store.lock().map_err(|_| ApiError::bad_request("store poisoned"))?;
         let generate = meta_str(&obj, "generateName").map(str::to_string);
@@ -419,13 +425,7 @@ impl Inner {
                     force,
                     &now(),
                 )
-                .map_err(|conflicts| {
-                    let causes = conflicts
-                        .iter()
-                        .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field}))
-                        .collect();
-                    ApiError::apply_conflict(managed::conflict_message(&conflicts), causes)
-                })?;
+                .map_err(|conflicts| ApiError::from_status(managed::conflict_status(&conflicts)))?;
                 match current {
                     None => {
                         if sub.is_some() {
@@ -446,15 +446,16 @@ impl Inner {
             | "application/merge-patch+json"
             | "application/strategic-merge-patch+json" => {
                 if media == "application/strategic-merge-patch+json" && kind.custom {
-                    return Err(ApiError::unsupported_media_type(media));
+                    return Err(ApiError::unsupported_media_type(media, PATCH_TYPES));
                 }
                 let current = current.ok_or_else(|| ApiError::not_found(kind, name))?;
                 let patch_doc: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the body of the request could not be decoded: {e}")))?;
                 let patched = if media == "application/json-patch+json" {
-                    patch::json_patch(&current, &patch_doc).map_err(|e| ApiError::invalid_patch(e.to_string()))?
+                    patch::json_patch(&current, &patch_doc).map_err(|e| ApiError::from_status(e.to_status()))?
                 } else {
-                    patch::merge_patch(&current, &patch_doc)
+                    patch::merge_patch_checked(&current, &patch_doc)
+                        .map_err(|e| ApiError::from_status(e.to_status()))?
                 };
                 if let Some(rv) = meta_str(&patched, "resourceVersion")
                     && rv != meta_str(&current, "resourceVersion").unwrap_or_default()
@@ -466,7 +467,7 @@ impl Inner {
                     self.write(&mut store, target, kind, key, &current, patched, Some(&manager), dry_run(query))?;
                 Ok((200, updated))
             }
-            other => Err(ApiError::unsupported_media_type(other)),
+            other => Err(ApiError::unsupported_media_type(other, PATCH_TYPES)),
         }
     }
 
@@ -682,8 +683,19 @@ impl ApiError {
         }
     }
 
-    /// 422 for a JSON patch that cannot apply.
-    pub fn invalid_patch(detail: String) -> Self {
-        ApiError { code: 422, reason: "Invalid", message: detail, details: None }
+    /// An error whose `Status` was built elsewhere (patch and apply engines).
+    pub fn from_status(status: Value) -> Self {
+        ApiError {
+            code: status["code"].as_u64().and_then(|c| u16::try_from(c).ok()).unwrap_or(500),
+            reason: match status["reason"].as_str() {
+                Some("Conflict") => "Conflict",
+                Some("BadRequest") => "BadRequest",
+                Some("RequestEntityTooLarge") => "RequestEntityTooLarge",
+                Some("Invalid") => "Invalid",
+                _ => "InternalError",
+            },
+            message: status["message"].as_str().unwrap_or_default().to_string(),
+            details: status.get("details").cloned(),
+        }
     }
 }
