@@ -133,3 +133,44 @@ fn help_lists_the_commands_and_env_vars() {
         assert!(help.contains(word), "run --help mentions {word}: {help}");
     }
 }
+
+/// `run` against a served embedded API: it connects, starts the controllers, reports ready on
+/// /readyz, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
+    let server = ims_operator::embedded::ApiServer::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { server.serve(listener).await });
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig_for(&dir, &format!("http://{addr}"));
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args(["run", "--admin-addr", &admin.to_string()])
+        .env("KUBECONFIG", &config)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            if response.starts_with("HTTP/1.1 200") {
+                ready = true;
+                break;
+            }
+        }
+    }
+    assert!(ready, "/readyz answered 200 within 10s");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let code = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&code.stderr);
+    assert_eq!(code.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("shutdown signal received"), "{stderr}");
+}
