@@ -8,8 +8,9 @@ use kube::Client;
 use crate::{
     admin::{self, Readiness},
     api,
-    controllers::{self, Context},
+    controllers::{self, Config},
     policy::{Policy, PolicyError},
+    store::StoreConfig,
 };
 
 /// ims-operator: a Kubernetes-native Image Management Service.
@@ -70,6 +71,12 @@ pub struct RunArgs {
     /// How long to wait for the API server to answer at start-up, in seconds.
     #[arg(long, env = "IMS_CONNECT_TIMEOUT", default_value_t = 10, value_name = "SECONDS")]
     pub connect_timeout: u64,
+    /// The operator's own namespace: Secrets with S3 credentials of Regions live there.
+    #[arg(long, env = "IMS_OPERATOR_NAMESPACE", default_value = "ims-system")]
+    pub operator_namespace: String,
+    /// Directory under which `file://` region stores must live.
+    #[arg(long, env = "IMS_FILE_STORE_ROOT", default_value = "/var/lib/ims", value_name = "DIR")]
+    pub file_store_root: PathBuf,
     /// Address of the admin endpoint (`/healthz`, `/readyz`).
     #[arg(long, env = "IMS_ADMIN_ADDR", default_value = "0.0.0.0:8080", value_name = "ADDR")]
     pub admin_addr: std::net::SocketAddr,
@@ -222,10 +229,15 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
     tracing::info!(server = %url, version = %version.git_version, "connected");
     check_crds(&client).await?;
 
-    let ctx = Context { client, policy, public_namespace: args.public_namespace };
-    tracing::info!(public_namespace = %ctx.public_namespace, "starting controllers");
+    let config = Config {
+        policy,
+        public_namespace: args.public_namespace,
+        operator_namespace: args.operator_namespace,
+        stores: StoreConfig { file_url_root: args.file_store_root.clone(), file_dir: args.file_store_root },
+    };
+    tracing::info!(public_namespace = %config.public_namespace, "starting controllers");
     readiness.set(true);
-    controllers::run(ctx, shutdown_signal()).await;
+    controllers::run(client, config, shutdown_signal()).await;
     readiness.set(false);
     tracing::info!("stopped");
     Ok(())

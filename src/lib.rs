@@ -5,6 +5,9 @@
 //! - [`policy`]: the operator policy (limits) and the pure rules.
 //! - [`schema`]: validation of objects against the generated CRD schemas (structure and CEL),
 //!   as kube-apiserver does it.
+//! - [`fetch`]: image sources (http, https, file) behind an SSRF guard.
+//! - [`format`]: disk image format detection from the bytes.
+//! - [`store`]: region byte stores (file://, s3://).
 //! - [`admin`]: health endpoints.
 //! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
 //! - [`local`]: `ims-operator local`, the operator on the embedded API.
@@ -15,6 +18,9 @@ pub mod api;
 pub mod cli;
 pub mod controllers;
 pub mod embedded;
+pub mod fetch;
+pub mod format;
 pub mod local;
 pub mod policy;
 pub mod schema;
+pub mod store;

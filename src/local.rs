@@ -18,9 +18,10 @@ use kube::{
 use serde_json::Value;
 
 use crate::{
-    controllers::{self, Context},
+    controllers::{self, Config},
     embedded::ApiServer,
     policy::Policy,
+    store::StoreConfig,
 };
 
 /// Field manager of the objects `local` applies (as `kubectl apply --server-side` would).
@@ -309,7 +310,8 @@ pub struct LocalArgs {
     /// Directory (or file) of manifests to apply.
     #[arg(short = 'f', long = "filename", env = "IMS_LOCAL_MANIFESTS", default_value = "examples", value_name = "DIR")]
     pub manifests: PathBuf,
-    /// Where region stores and local state live.
+    /// Where region stores and local state live: a Region's `file:///var/lib/ims/<region>` is
+    /// `<data-dir>/stores/<region>`.
     #[arg(long, env = "IMS_DATA_DIR", default_value = ".ims", value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Exit non-zero when any object ends Failed or Stalled, or is rejected (for GitOps CI).
@@ -352,9 +354,15 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
 
     let server = ApiServer::new();
     let client = server.client();
-    let ctx = Context { client: client.clone(), policy, public_namespace: args.public_namespace.clone() };
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let config = Config {
+        policy,
+        public_namespace: args.public_namespace.clone(),
+        operator_namespace: "ims-system".into(),
+        stores: StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: data_dir.join("stores") },
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controllers = tokio::spawn(controllers::run(ctx, async move {
+    let controllers = tokio::spawn(controllers::run(client.clone(), config, async move {
         let _ = stop_rx.await;
     }));
 

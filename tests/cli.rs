@@ -145,7 +145,7 @@ async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig_for(&dir, &format!("http://{addr}"));
     let admin = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
         .args(["run", "--admin-addr", &admin.to_string()])
         .env("KUBECONFIG", &config)
         .env_remove("KUBERNETES_SERVICE_HOST")

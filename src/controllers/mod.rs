@@ -1,31 +1,93 @@
 //! The controllers, one module a kind. Each reconcile reads as fetch -> decide -> act -> write
 //! status; the decisions live in [`crate::policy`].
-//!
-//! Until a kind's issue lands its reconciler observes only: it writes nothing.
 
-use std::{sync::Arc, time::Duration};
+pub mod region;
+pub mod status;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures::{StreamExt, future::BoxFuture};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    runtime::{Controller, controller::Action, watcher},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        reflector::{self, Store},
+        watcher::{self, watcher},
+    },
 };
 use serde::de::DeserializeOwned;
 
 use crate::{
     api::{Image, ImageCopy, ImageQuota, ImageShare, Region},
-    policy::Policy,
+    policy::{Policy, region::Probe},
+    store::{RegionStore, StoreConfig},
 };
 
-/// What every controller shares.
-#[derive(Clone)]
-pub struct Context {
-    /// The API client.
-    pub client: Client,
+/// What the operator is configured with.
+#[derive(Clone, Debug)]
+pub struct Config {
     /// Limits.
     pub policy: Policy,
     /// The platform namespace: the only one where `visibility: Public` is allowed.
     pub public_namespace: String,
+    /// The operator's own namespace: S3 credential Secrets and the leader Lease live there.
+    pub operator_namespace: String,
+    /// Where `file://` region stores may live.
+    pub stores: StoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Policy::default(),
+            public_namespace: "ims-public".into(),
+            operator_namespace: "ims-system".into(),
+            stores: StoreConfig::default(),
+        }
+    }
+}
+
+/// A region's last probe: the generation probed, when, and the outcome.
+type ProbeRecord = (Option<i64>, Instant, Probe);
+
+/// What every controller shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Configuration.
+    pub config: Config,
+    /// Every Image, kept current by a watch.
+    pub images: Store<Image>,
+    /// Every Region, kept current by a watch.
+    pub regions: Store<Region>,
+    /// Last probe of each region: (generation, when, outcome).
+    probes: Mutex<HashMap<String, ProbeRecord>>,
+    /// Opened stores of Ready regions.
+    pub stores: Mutex<HashMap<String, RegionStore>>,
+}
+
+impl Context {
+    fn cached_probe(&self, region: &str, generation: Option<i64>) -> Option<Probe> {
+        let probes = self.probes.lock().ok()?;
+        let (g, at, probe) = probes.get(region)?;
+        (*g == generation && at.elapsed() < region::REPROBE && *probe == Probe::Ready).then(|| probe.clone())
+    }
+
+    fn remember_probe(&self, region: &str, generation: Option<i64>, probe: &Probe) {
+        if let Ok(mut probes) = self.probes.lock() {
+            probes.insert(region.to_string(), (generation, Instant::now(), probe.clone()));
+        }
+    }
+
+    /// The opened store of a Ready region.
+    pub fn store(&self, region: &str) -> Option<RegionStore> {
+        self.stores.lock().ok()?.get(region).cloned()
+    }
 }
 
 /// Errors of a reconcile.
@@ -46,20 +108,55 @@ impl Error {
 }
 
 /// A shutdown trigger every controller can await.
-type Shutdown = futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>;
+pub type Shutdown = futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>;
+
+/// A reflector store of `K` over all namespaces, and the task that keeps it current.
+fn reflect<K>(client: &Client) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| futures::future::ready(()));
+    (reader, Box::pin(stream))
+}
 
 /// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
-pub async fn run(ctx: Context, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let ctx = Arc::new(ctx);
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let shutdown: Shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let (images, images_task) = reflect::<Image>(&client);
+    let (regions, regions_task) = reflect::<Region>(&client);
+    let caches = tokio::spawn(futures::future::join(images_task, regions_task));
+    let ready = async {
+        let _ = futures::future::join(images.wait_until_ready(), regions.wait_until_ready()).await;
+    };
+    tokio::select! {
+        _ = ready => {}
+        _ = shutdown.clone() => { caches.abort(); return; }
+    }
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config,
+        images,
+        regions,
+        probes: Mutex::new(HashMap::new()),
+        stores: Mutex::new(HashMap::new()),
+    });
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
-        observe::<Region>(Api::all(ctx.client.clone()), ctx.clone(), shutdown.clone()),
-        observe::<Image>(Api::all(ctx.client.clone()), ctx.clone(), shutdown.clone()),
-        observe::<ImageShare>(Api::all(ctx.client.clone()), ctx.clone(), shutdown.clone()),
-        observe::<ImageCopy>(Api::all(ctx.client.clone()), ctx.clone(), shutdown.clone()),
-        observe::<ImageQuota>(Api::all(ctx.client.clone()), ctx.clone(), shutdown.clone()),
+        Box::pin(region::run(ctx.clone(), shutdown.clone())),
+        observe::<Image>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        observe::<ImageShare>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        observe::<ImageCopy>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        observe::<ImageQuota>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
     ];
     futures::future::join_all(controllers).await;
+    caches.abort();
 }
 
 /// A controller that only observes (logs) its objects: the placeholder until a kind's issue lands.

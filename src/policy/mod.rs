@@ -5,6 +5,8 @@
 //! is a default of [`Policy`], overridable with a YAML file (`--policy`), because clouds and
 //! their documents disagree on them.
 
+pub mod region;
+
 use std::path::Path;
 
 use serde::Serialize;

@@ -10,9 +10,10 @@ use std::{sync::Mutex, time::Duration};
 
 use ims_operator::{
     api,
-    controllers::{self, Context},
+    controllers::{self, Config},
     embedded::ApiServer,
     policy::Policy,
+    store::StoreConfig,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
@@ -40,6 +41,8 @@ pub struct Env {
     operator: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
     /// Policy the in-process operator runs with.
     pub policy: Policy,
+    /// Where the in-process operator's file:// region stores live.
+    pub data_dir: tempfile::TempDir,
 }
 
 /// How long a scenario waits for a condition before failing.
@@ -55,6 +58,7 @@ impl Env {
             namespaces: Mutex::new(Vec::new()),
             operator: Mutex::new(None),
             policy: Policy::default(),
+            data_dir: tempfile::tempdir().expect("temp dir"),
         }
     }
 
@@ -80,7 +84,13 @@ impl Env {
             namespaces: Mutex::new(Vec::new()),
             operator: Mutex::new(None),
             policy: Policy::default(),
+            data_dir: tempfile::tempdir().expect("temp dir"),
         }
+    }
+
+    /// The directory of a region's file store (`file:///var/lib/ims/<region>`).
+    pub fn region_dir(&self, region: &str) -> std::path::PathBuf {
+        self.data_dir.path().join(region)
     }
 
     /// The embedded server, for scenarios that inspect it (None on a cluster).
@@ -104,10 +114,14 @@ impl Env {
 
     /// Starts the operator's controllers in-process.
     pub fn start_operator(&self) {
-        let ctx =
-            Context { client: self.client.clone(), policy: self.policy.clone(), public_namespace: "ims-public".into() };
+        let config = Config {
+            policy: self.policy.clone(),
+            public_namespace: "ims-public".into(),
+            operator_namespace: "ims-system".into(),
+            stores: StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: self.data_dir.path().to_path_buf() },
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(controllers::run(ctx, async move {
+        let handle = tokio::spawn(controllers::run(self.client.clone(), config, async move {
             let _ = rx.await;
         }));
         *self.operator.lock().unwrap() = Some((tx, handle));

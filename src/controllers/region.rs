@@ -1,0 +1,118 @@
+//! The Region controller: probes each region's store and reports `Ready`, with the number of
+//! images and bytes it holds.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+};
+
+use super::{Context, Error, Shutdown, status};
+use crate::{
+    api::{Image, Region},
+    policy::region::{self, Probe},
+    store::{RegionStore, S3Credentials, StoreError},
+};
+
+/// Field manager of Region status.
+pub const MANAGER: &str = "ims-operator/region";
+/// How often a Ready region is probed again.
+pub const REPROBE: Duration = Duration::from_secs(300);
+
+/// Runs the Region controller until shutdown.
+pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+    let client = ctx.client.clone();
+    Controller::new(Api::<Region>::all(client.clone()), watcher::Config::default())
+        .watches(Api::<Image>::all(client), watcher::Config::default(), |image| {
+            Some(ObjectRef::<Region>::new(&image.spec.region))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+#[tracing::instrument(skip_all, fields(region = %region.name_any()))]
+async fn reconcile(region: Arc<Region>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = region.name_any();
+    let generation = region.metadata.generation;
+    // Fetch + act: probe at most every REPROBE per generation; image changes only recount.
+    let probe = match ctx.cached_probe(&name, generation) {
+        Some(p) => p,
+        None => {
+            let p = probe(&region, &ctx).await;
+            ctx.remember_probe(&name, generation, &p);
+            p
+        }
+    };
+    // Decide.
+    let images = ctx.images.state();
+    let usage = region::usage(&name, images.iter().map(|i| i.as_ref()));
+    let old = region.status.clone().unwrap_or_default();
+    let desired = region::status(generation, &probe, usage, &old, &status::now());
+    // Write status.
+    let api: Api<Region> = Api::all(ctx.client.clone());
+    status::apply_status(&api, &name, MANAGER, region.status.as_ref(), &desired).await?;
+    Ok(match probe {
+        Probe::Ready => Action::requeue(REPROBE),
+        Probe::Unreachable(_) => Action::requeue(Duration::from_secs(30)),
+        Probe::InvalidSpec(_) | Probe::SecretNotFound(_) => Action::await_change(),
+    })
+}
+
+async fn probe(region: &Region, ctx: &Context) -> Probe {
+    let storage = &region.spec.storage;
+    let credentials = match &storage.secret_ref {
+        Some(secret_ref) if storage.url.starts_with("s3://") => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
+            match secrets.get_opt(&secret_ref.name).await {
+                Ok(Some(secret)) => match s3_credentials(&secret) {
+                    Some(c) => Some(c),
+                    None => {
+                        return Probe::SecretNotFound(format!(
+                            "Secret {}/{} needs the keys accessKeyID and secretAccessKey",
+                            ctx.config.operator_namespace, secret_ref.name
+                        ));
+                    }
+                },
+                Ok(None) => {
+                    return Probe::SecretNotFound(format!(
+                        "Secret {}/{} not found: create it with the keys accessKeyID and secretAccessKey",
+                        ctx.config.operator_namespace, secret_ref.name
+                    ));
+                }
+                Err(e) => return Probe::Unreachable(format!("cannot read Secret {}: {e}", secret_ref.name)),
+            }
+        }
+        _ => None,
+    };
+    let store = match RegionStore::open(storage, &ctx.config.stores, credentials.as_ref()) {
+        Ok(s) => s,
+        Err(StoreError::InvalidSpec(m)) => return Probe::InvalidSpec(m),
+        Err(e) => return Probe::Unreachable(e.to_string()),
+    };
+    match tokio::time::timeout(Duration::from_secs(30), store.probe()).await {
+        Ok(Ok(())) => {
+            ctx.stores.lock().map(|mut s| s.insert(region.name_any(), store)).ok();
+            Probe::Ready
+        }
+        Ok(Err(StoreError::InvalidSpec(m))) => Probe::InvalidSpec(m),
+        Ok(Err(e)) => Probe::Unreachable(format!("the store failed a write/read/delete probe: {e}")),
+        Err(_) => Probe::Unreachable("the store did not answer a probe within 30s".into()),
+    }
+}
+
+/// Credentials from a Secret's `accessKeyID` and `secretAccessKey`.
+pub fn s3_credentials(secret: &Secret) -> Option<S3Credentials> {
+    let data = secret.data.as_ref()?;
+    let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty());
+    Some(S3Credentials { access_key_id: get("accessKeyID")?, secret_access_key: get("secretAccessKey")? })
+}
+
+fn error_policy(region: Arc<Region>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(region = %region.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
