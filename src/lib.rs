@@ -7,6 +7,7 @@
 //!   as kube-apiserver does it.
 //! - [`fetch`]: image sources (http, https, file) behind an SSRF guard.
 //! - [`format`]: disk image format detection from the bytes.
+//! - [`import`]: moving an image's bytes into a store, verified.
 //! - [`store`]: region byte stores (file://, s3://).
 //! - [`admin`]: health endpoints.
 //! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
@@ -20,6 +21,7 @@ pub mod controllers;
 pub mod embedded;
 pub mod fetch;
 pub mod format;
+pub mod import;
 pub mod local;
 pub mod policy;
 pub mod schema;
