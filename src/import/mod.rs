@@ -117,20 +117,30 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Imports `url` into `object` of `store`.
+/// What to import.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// Source URL.
+    pub url: &'a str,
+    /// `sha256:<hex>` or `sha512:<hex>` the bytes must hash to.
+    pub checksum: Option<&'a str>,
+    /// Format the spec declares.
+    pub declared: DeclaredFormat,
+    /// Largest size accepted, in bytes.
+    pub limit: u64,
+}
+
+/// Imports `request.url` into `object` of `store`.
 pub async fn import(
     store: &RegionStore,
     object: &Path,
-    url: &str,
-    checksum: Option<&str>,
-    declared: DeclaredFormat,
+    request: Request<'_>,
     fetch_policy: &FetchPolicy,
-    limit: u64,
     progress: Progress<'_>,
 ) -> Result<Imported, ImportError> {
-    let result = stream_into(store, object, url, checksum, fetch_policy, limit, progress).await;
+    let result = stream_into(store, object, request, fetch_policy, progress).await;
     let result = match result {
-        Ok((size, sha256)) => verify_format(store, object, size, declared).await.map(|detected| Imported {
+        Ok((size, sha256)) => verify_format(store, object, size, request.declared).await.map(|detected| Imported {
             object: object.clone(),
             size,
             sha256,
@@ -150,12 +160,11 @@ pub async fn import(
 async fn stream_into(
     store: &RegionStore,
     object: &Path,
-    url: &str,
-    checksum: Option<&str>,
+    request: Request<'_>,
     fetch_policy: &FetchPolicy,
-    limit: u64,
     progress: Progress<'_>,
 ) -> Result<(u64, String), ImportError> {
+    let Request { url, checksum, limit, .. } = request;
     let source = fetch::open(url, fetch_policy).await?;
     if source.content_length.is_some_and(|len| len > limit) {
         return Err(ImportError::TooLarge { limit });

@@ -53,11 +53,8 @@ impl Fixture {
         let result = import(
             &self.store,
             &object,
-            &url,
-            checksum,
-            declared,
+            Request { url: &url, checksum, declared, limit },
             &self.policy(),
-            limit,
             Progress { every: Duration::from_secs(3600), report: &mut report },
         )
         .await;
