@@ -77,6 +77,16 @@ pub struct RunArgs {
     /// Directory under which `file://` region stores must live.
     #[arg(long, env = "IMS_FILE_STORE_ROOT", default_value = "/var/lib/ims", value_name = "DIR")]
     pub file_store_root: PathBuf,
+    /// Allow `file://` image sources (paths on the operator's filesystem).
+    #[arg(long, env = "IMS_ALLOW_FILE_IMPORTS")]
+    pub allow_file_imports: bool,
+    /// Address ranges imports may reach although they are loopback, private or link-local
+    /// (comma-separated CIDRs, e.g. `10.20.0.0/16,fd00::/8`). Everything else non-public is refused.
+    #[arg(long, env = "IMS_IMPORT_ALLOW_CIDRS", value_delimiter = ',', value_name = "CIDR,...")]
+    pub import_allow_cidrs: Vec<crate::fetch::Cidr>,
+    /// How often import progress is written to an Image's status, in seconds.
+    #[arg(long, env = "IMS_PROGRESS_INTERVAL", default_value_t = 2, value_name = "SECONDS")]
+    pub progress_interval: u64,
     /// Address of the admin endpoint (`/healthz`, `/readyz`).
     #[arg(long, env = "IMS_ADMIN_ADDR", default_value = "0.0.0.0:8080", value_name = "ADDR")]
     pub admin_addr: std::net::SocketAddr,
@@ -234,6 +244,12 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         public_namespace: args.public_namespace,
         operator_namespace: args.operator_namespace,
         stores: StoreConfig { file_url_root: args.file_store_root.clone(), file_dir: args.file_store_root },
+        fetch: crate::fetch::FetchPolicy {
+            allow_file: args.allow_file_imports,
+            allow_cidrs: args.import_allow_cidrs,
+            ..Default::default()
+        },
+        progress_every: Duration::from_secs(args.progress_interval.max(1)),
     };
     tracing::info!(public_namespace = %config.public_namespace, "starting controllers");
     readiness.set(true);

@@ -360,6 +360,17 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         public_namespace: args.public_namespace.clone(),
         operator_namespace: "ims-system".into(),
         stores: StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: data_dir.join("stores") },
+        // Locally, images may come from files next to the manifests.
+        fetch: crate::fetch::FetchPolicy {
+            allow_file: true,
+            file_roots: vec![std::fs::canonicalize(if args.manifests.is_file() {
+                args.manifests.parent().unwrap_or(std::path::Path::new("."))
+            } else {
+                &args.manifests
+            })?],
+            ..Default::default()
+        },
+        progress_every: Duration::from_secs(2),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(client.clone(), config, async move {

@@ -1,6 +1,7 @@
 //! The controllers, one module a kind. Each reconcile reads as fetch -> decide -> act -> write
 //! status; the decisions live in [`crate::policy`].
 
+pub mod image;
 pub mod region;
 pub mod status;
 
@@ -24,6 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     api::{Image, ImageCopy, ImageQuota, ImageShare, Region},
+    fetch::FetchPolicy,
     policy::{Policy, region::Probe},
     store::{RegionStore, StoreConfig},
 };
@@ -39,6 +41,10 @@ pub struct Config {
     pub operator_namespace: String,
     /// Where `file://` region stores may live.
     pub stores: StoreConfig,
+    /// What imports may reach (SSRF guard, file:// imports).
+    pub fetch: FetchPolicy,
+    /// How often import progress is written to status.
+    pub progress_every: Duration,
 }
 
 impl Default for Config {
@@ -48,6 +54,8 @@ impl Default for Config {
             public_namespace: "ims-public".into(),
             operator_namespace: "ims-system".into(),
             stores: StoreConfig::default(),
+            fetch: FetchPolicy::default(),
+            progress_every: Duration::from_secs(2),
         }
     }
 }
@@ -96,6 +104,15 @@ pub enum Error {
     /// A call to the Kubernetes API failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// Adding or removing a finalizer, or the step behind it, failed.
+    #[error("{0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    /// Deletion is held by `spec.protected`.
+    #[error("{0}")]
+    Protected(String),
+    /// A step that may succeed when retried (source or store unavailable).
+    #[error("{0}")]
+    Transient(String),
 }
 
 impl Error {
@@ -103,6 +120,9 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Protected(_) => "protected",
+            Error::Transient(_) => "transient",
         }
     }
 }
@@ -150,7 +170,7 @@ pub async fn run(
     });
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
         Box::pin(region::run(ctx.clone(), shutdown.clone())),
-        observe::<Image>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        Box::pin(image::run(ctx.clone(), shutdown.clone())),
         observe::<ImageShare>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
         observe::<ImageCopy>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
         observe::<ImageQuota>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),

@@ -5,6 +5,7 @@
 //! is a default of [`Policy`], overridable with a YAML file (`--policy`), because clouds and
 //! their documents disagree on them.
 
+pub mod image;
 pub mod region;
 
 use std::path::Path;

@@ -119,6 +119,12 @@ impl Env {
             public_namespace: "ims-public".into(),
             operator_namespace: "ims-system".into(),
             stores: StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: self.data_dir.path().to_path_buf() },
+            // Scenarios serve images from 127.0.0.1.
+            fetch: ims_operator::fetch::FetchPolicy {
+                allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+                ..Default::default()
+            },
+            progress_every: Duration::from_millis(200),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(controllers::run(self.client.clone(), config, async move {
@@ -205,4 +211,42 @@ macro_rules! scenarios {
             }
         }
     )*};
+}
+
+/// A tiny HTTP/1.1 file server on 127.0.0.1 for import scenarios: `GET /<name>` answers the
+/// file's bytes; unknown names answer 404.
+pub async fn serve_files(dir: std::path::PathBuf) -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let Ok(Some(request)) = lines.next_line().await else { return };
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.is_empty() {
+                        break;
+                    }
+                }
+                let name = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+                match tokio::fs::read(dir.join(&name)).await {
+                    Ok(bytes) if !name.contains("..") => {
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
+                        let _ = write.write_all(head.as_bytes()).await;
+                        let _ = write.write_all(&bytes).await;
+                    }
+                    _ => {
+                        let _ = write
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
