@@ -18,9 +18,11 @@ use kube::{
     },
 };
 
-use super::{Context, Error, Shutdown, status};
+use super::{Context, Error, Shutdown, quota, status};
 use crate::{
-    api::{CLEANUP_FINALIZER, Image, ImageChecksum, ImageLocation, ImagePhase, ImageStatus, Progress, Region},
+    api::{
+        CLEANUP_FINALIZER, Image, ImageChecksum, ImageLocation, ImagePhase, ImageQuota, ImageStatus, Progress, Region,
+    },
     import::{self, ImportError, Request},
     policy::image::{percent, visibility_allowed, with_phase},
 };
@@ -42,6 +44,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
                 .filter(|i| i.spec.region == name)
                 .map(|i| ObjectRef::from_obj(i.as_ref()))
                 .collect::<Vec<_>>()
+        })
+        .watches(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default(), {
+            let images = ctx.images.clone();
+            move |quota: ImageQuota| {
+                let namespace = quota.namespace();
+                images
+                    .state()
+                    .iter()
+                    .filter(|i| i.namespace() == namespace)
+                    .filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(ImagePhase::Queued))
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect::<Vec<_>>()
+            }
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -123,6 +138,10 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now)).await?;
         return Ok(Action::await_change());
     };
+    if let quota::Admission::OverQuota(message) = quota::admit(ctx, &image).await? {
+        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now)).await?;
+        return Ok(Action::await_change());
+    }
     let limit_gib = match region.spec.max_image_size_gib {
         Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
         _ => ctx.config.policy.max_image_size_gib,
@@ -199,6 +218,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             active.r#type = Some(image.spec.r#type);
             active.os = image.spec.os.clone();
             write(api, &image, &active).await?;
+            quota::set_bytes(ctx, &image, size).await?;
             tracing::info!(size, format = %imported.detected.format, "image imported");
             Ok(Action::requeue(Duration::from_secs(3600)))
         }
@@ -242,6 +262,7 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
         let removed = store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
         tracing::info!(objects = removed, "image bytes removed");
     }
+    quota::release(ctx, &image).await?;
     Ok(Action::await_change())
 }
 

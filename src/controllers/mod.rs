@@ -2,6 +2,7 @@
 //! status; the decisions live in [`crate::policy`].
 
 pub mod image;
+pub mod quota;
 pub mod region;
 pub mod status;
 

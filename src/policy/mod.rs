@@ -6,6 +6,7 @@
 //! their documents disagree on them.
 
 pub mod image;
+pub mod quota;
 pub mod region;
 
 use std::path::Path;

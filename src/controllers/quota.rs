@@ -1,0 +1,160 @@
+//! The quota ledger: the `default` ImageQuota of each namespace holds one reservation per
+//! admitted owned image. Every change is a compare-and-swap (a status update carrying the
+//! resourceVersion that was read), so concurrent admissions — across workers, restarts and
+//! replicas — never admit more than the limit.
+
+use kube::{
+    Api, ResourceExt,
+    api::{ObjectMeta, PostParams},
+};
+
+use super::{Context, Error};
+use crate::{
+    api::{Image, ImagePhase, ImageQuota, ImageQuotaSpec, QUOTA_NAME, Reservation},
+    policy::quota::{has_room, images_in, limits, recount},
+};
+
+/// Whether an image holds a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The image holds a reservation.
+    Admitted,
+    /// No room: the message says how full the region is.
+    OverQuota(String),
+}
+
+const ATTEMPTS: usize = 50;
+
+async fn quota(api: &Api<ImageQuota>) -> Result<ImageQuota, Error> {
+    if let Some(q) = api.get_opt(QUOTA_NAME).await? {
+        return Ok(q);
+    }
+    let fresh = ImageQuota {
+        metadata: ObjectMeta { name: Some(QUOTA_NAME.into()), ..Default::default() },
+        spec: ImageQuotaSpec::default(),
+        status: None,
+    };
+    match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &fresh).await {
+        Ok(q) => Ok(q),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(api.get(QUOTA_NAME).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Field manager of the ledger.
+pub const MANAGER: &str = "ims-operator/quota";
+
+/// Whether a write lost a compare-and-swap race.
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn waits_for_quota(image: &Image) -> bool {
+    image.metadata.deletion_timestamp.is_none()
+        && image.spec.source.image.is_none()
+        && matches!(image.status.as_ref().and_then(|s| s.phase), None | Some(ImagePhase::Queued))
+}
+
+fn line_key(image: &Image) -> (Option<jiff::Timestamp>, String) {
+    (image.metadata.creation_timestamp.as_ref().map(|t| t.0), image.name_any())
+}
+
+/// Reserves a slot for `image` in its region if there is room and no older image of the
+/// namespace waits for the same region (oldest first).
+pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
+    let namespace = image.namespace().unwrap_or_default();
+    let uid = image.uid().unwrap_or_default();
+    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
+    for _ in 0..ATTEMPTS {
+        let mut quota = quota(&api).await?;
+        let mut status = quota.status.clone().unwrap_or_default();
+        if status.reservations.iter().any(|r| r.uid == uid) {
+            return Ok(Admission::Admitted);
+        }
+        let hard = limits(&quota.spec, &ctx.config.policy);
+        let region = &image.spec.region;
+        let used = images_in(&status, region);
+        let me = line_key(image);
+        let ahead = ctx
+            .images
+            .state()
+            .iter()
+            .filter(|other| other.namespace().as_deref() == Some(&namespace) && other.spec.region == *region)
+            .filter(|other| waits_for_quota(other) && line_key(other) < me)
+            .filter(|other| !status.reservations.iter().any(|r| Some(&r.uid) == other.metadata.uid.as_ref()))
+            .count() as i64;
+        if !has_room(used, ahead, hard.private_images_per_region) {
+            let waiting = if ahead > 0 { format!(" and {ahead} older image(s) wait before it") } else { String::new() };
+            return Ok(Admission::OverQuota(format!(
+                "namespace {namespace} has {used}/{} images in region {region}{waiting}; it is admitted automatically when room appears (oldest first), or raise privateImagesPerRegion in ImageQuota default",
+                hard.private_images_per_region
+            )));
+        }
+        status.reservations.push(Reservation {
+            uid: uid.clone(),
+            name: image.name_any(),
+            region: region.clone(),
+            bytes: 0,
+            importing: false,
+        });
+        recount(&mut status, hard);
+        quota.status = Some(status);
+        match api
+            .replace_status(
+                QUOTA_NAME,
+                &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() },
+                &quota,
+            )
+            .await
+        {
+            Ok(_) => return Ok(Admission::Admitted),
+            Err(e) if conflict(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Transient("the quota ledger is busy; retrying".into()))
+}
+
+/// Records the stored size of an admitted image.
+pub async fn set_bytes(ctx: &Context, image: &Image, bytes: i64) -> Result<(), Error> {
+    update(ctx, image, |r| {
+        if let Some(r) = r.iter_mut().find(|r| Some(&r.uid) == image.metadata.uid.as_ref()) {
+            r.bytes = bytes;
+        }
+    })
+    .await
+}
+
+/// Releases an image's slot (deletion); a missing ledger or reservation is fine.
+pub async fn release(ctx: &Context, image: &Image) -> Result<(), Error> {
+    update(ctx, image, |r| r.retain(|r| Some(&r.uid) != image.metadata.uid.as_ref())).await
+}
+
+async fn update(ctx: &Context, image: &Image, change: impl Fn(&mut Vec<Reservation>)) -> Result<(), Error> {
+    let namespace = image.namespace().unwrap_or_default();
+    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
+    for _ in 0..ATTEMPTS {
+        let Some(mut quota) = api.get_opt(QUOTA_NAME).await? else { return Ok(()) };
+        let mut status = quota.status.clone().unwrap_or_default();
+        let before = status.clone();
+        change(&mut status.reservations);
+        recount(&mut status, limits(&quota.spec, &ctx.config.policy));
+        if status == before {
+            return Ok(());
+        }
+        quota.status = Some(status);
+        match api
+            .replace_status(
+                QUOTA_NAME,
+                &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() },
+                &quota,
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if conflict(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Transient("the quota ledger is busy; retrying".into()))
+}

@@ -1,0 +1,95 @@
+//! The quota ledger through the real controllers: race-free admission, oldest first.
+
+mod support;
+
+use ims_operator::api::{Image, ImagePhase, ImageQuota, Region};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+fn phase_reason(i: &Image) -> (Option<ImagePhase>, String) {
+    let s = i.status.clone().unwrap_or_default();
+    let reason = s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone()).unwrap_or_default();
+    (s.phase, reason)
+}
+
+async fn settle(images: &Api<Image>, want_active: usize, want_queued: usize) -> Vec<Image> {
+    for _ in 0..300 {
+        let list = images.list(&ListParams::default()).await.unwrap().items;
+        let active = list.iter().filter(|i| phase_reason(i) == (Some(ImagePhase::Active), "Active".into())).count();
+        let queued =
+            list.iter().filter(|i| phase_reason(i) == (Some(ImagePhase::Queued), "QuotaExceeded".into())).count();
+        if active == want_active && queued == want_queued {
+            return list;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let list = images.list(&ListParams::default()).await.unwrap().items;
+    panic!(
+        "did not settle at {want_active} Active / {want_queued} queued: {:?}",
+        list.iter().map(|i| (i.name_any(), phase_reason(i))).collect::<Vec<_>>()
+    );
+}
+
+scenarios! {
+    async fn thirty_concurrent_creates_at_limit_five_admit_exactly_five_then_the_oldest(env: &Env) {
+        let ns = env.namespace("quota").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("d.raw"), vec![3u8; 10_000]).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        let regions: Api<Region> = Api::all(env.client.clone());
+        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
+            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota",
+            "metadata": {"name": "default"}, "spec": {"privateImagesPerRegion": 5}}))).await.unwrap();
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let creates = (0..30).map(|n| {
+            let images = images.clone();
+            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image",
+                "metadata": {"name": format!("img-{n:02}")},
+                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            async move { images.create(&PostParams::default(), &image).await.unwrap() }
+        });
+        futures::future::join_all(creates).await;
+        // Kill and restart the operator while admissions are in flight.
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        env.stop_operator().await;
+        env.start_operator();
+
+        let list = settle(&images, 5, 25).await;
+        let ledger = quotas.get("default").await.unwrap().status.unwrap();
+        let mut reserved: Vec<String> = ledger.reservations.iter().map(|r| r.name.clone()).collect();
+        reserved.sort();
+        let mut active: Vec<String> = list.iter().filter(|i| phase_reason(i).0 == Some(ImagePhase::Active)).map(|i| i.name_any()).collect();
+        active.sort();
+        assert_eq!(reserved, active, "the ledger is exactly the admitted images");
+        assert_eq!(ledger.used.len(), 1);
+        assert_eq!((ledger.used[0].images, ledger.used[0].bytes), (5, 50_000), "usage recounts to the ledger");
+        assert_eq!(ledger.hard.unwrap().private_images_per_region, 5);
+        let message = list.iter().find(|i| phase_reason(i).0 == Some(ImagePhase::Queued)).unwrap().status.clone().unwrap().message.unwrap();
+        assert!(message.contains("/5 images in region") && message.contains("oldest first"), "{message}");
+
+        // Room appears: the two oldest waiting images are admitted, no others.
+        let mut queued: Vec<&Image> = list.iter().filter(|i| phase_reason(i).0 == Some(ImagePhase::Queued)).collect();
+        queued.sort_by_key(|i| (i.metadata.creation_timestamp.clone().map(|t| t.0), i.name_any()));
+        let mut expected: Vec<String> = queued[..2].iter().map(|i| i.name_any()).collect();
+        for name in &active[..2] {
+            images.delete(name, &DeleteParams::default()).await.unwrap();
+        }
+        let after = settle(&images, 5, 23).await;
+        let mut newly: Vec<String> = after
+            .iter()
+            .filter(|i| phase_reason(i).0 == Some(ImagePhase::Active) && !active.contains(&i.name_any()))
+            .map(|i| i.name_any())
+            .collect();
+        newly.sort();
+        expected.sort();
+        assert_eq!(newly, expected, "the oldest queued images are admitted first");
+        assert_eq!(quotas.get("default").await.unwrap().status.unwrap().reservations.len(), 5);
+    }
+}
