@@ -170,9 +170,9 @@ pub fn crds_kustomization() -> String {
 }
 
 /// Sets up logging as the flags say.
-pub fn init_tracing(format: LogFormat) {
+pub fn init_tracing(format: LogFormat, default_level: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -183,7 +183,9 @@ pub fn init_tracing(format: LogFormat) {
 /// Entry point of the binary.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // `local` talks to a person on stderr: only errors are logged unless RUST_LOG says more.
+    let default_level = if matches!(cli.command, Command::Local(_)) { "error" } else { "info" };
+    init_tracing(cli.log_format, default_level);
     let result: Result<u8, String> = match cli.command {
         Command::Crds { output_dir } => write_crds(output_dir).map(|()| 0).map_err(|e| e.to_string()),
         Command::Run(args) => run(args).await.map(|()| 0).map_err(|e| e.to_string()),

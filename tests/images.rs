@@ -202,4 +202,21 @@ scenarios! {
         let active = env.wait_for(&images, "early", reason_is("Active")).await.unwrap();
         assert_eq!(active.status.unwrap().size_bytes, Some(8192));
     }
+
+    async fn an_unreachable_source_is_retried_without_status_churn(env: &Env) {
+        let ns = env.namespace("retry").await;
+        let region_name = format!("{ns}-r");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        region(env, &region_name).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        images.patch("later", &PatchParams::apply("test"), &Patch::Apply(image("later", &region_name, &format!("http://{closed}/d.raw"), json!({})))).await.unwrap();
+        let waiting = env.wait_for(&images, "later", reason_is("SourceUnreachable")).await.unwrap();
+        let status = waiting.status.clone().unwrap();
+        assert_eq!(status.phase, Some(ImagePhase::Saving), "a transient failure keeps the image Saving and retries");
+        assert!(status.conditions.iter().any(|c| c.type_ == "Reconciling" && c.status == "True"));
+        let before = images.get("later").await.unwrap().resource_version();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(images.get("later").await.unwrap().resource_version(), before, "retries write nothing while the outcome is the same");
+    }
 }

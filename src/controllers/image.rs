@@ -146,14 +146,23 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
         _ => ctx.config.policy.max_image_size_gib,
     };
-    let saving = with_phase(
-        &old,
-        generation,
-        ImagePhase::Saving,
-        "Importing",
-        &format!("importing {}", redact(&source.url)),
-        &now,
-    );
+    // A retry after a transient failure keeps showing that failure until the outcome changes,
+    // so a retry loop writes nothing.
+    let retrying = old.phase == Some(ImagePhase::Saving)
+        && old.conditions.iter().any(|c| c.type_ == "Ready" && c.reason != "Importing")
+        && old.observed_generation == generation;
+    let saving = if retrying {
+        old.clone()
+    } else {
+        with_phase(
+            &old,
+            generation,
+            ImagePhase::Saving,
+            "Importing",
+            &format!("importing {}", redact(&source.url)),
+            &now,
+        )
+    };
     write(api, &image, &saving).await?;
 
     // Progress goes through a channel; a writer task patches it at most every progress_every.
