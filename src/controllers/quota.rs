@@ -44,9 +44,15 @@ async fn quota(api: &Api<ImageQuota>) -> Result<ImageQuota, Error> {
 /// Field manager of the ledger.
 pub const MANAGER: &str = "ims-operator/quota";
 
-/// Whether a write lost a compare-and-swap race.
-fn conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409)
+/// Writes the ledger if nobody changed it since it was read (the resourceVersion in `quota`):
+/// true when written, false when the compare-and-swap lost and the caller must re-read.
+async fn write(api: &Api<ImageQuota>, quota: &ImageQuota) -> Result<bool, Error> {
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    match api.replace_status(QUOTA_NAME, &params, quota).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn waits_for_quota(image: &Image) -> bool {
@@ -99,17 +105,8 @@ pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
         });
         recount(&mut status, hard);
         quota.status = Some(status);
-        match api
-            .replace_status(
-                QUOTA_NAME,
-                &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() },
-                &quota,
-            )
-            .await
-        {
-            Ok(_) => return Ok(Admission::Admitted),
-            Err(e) if conflict(&e) => continue,
-            Err(e) => return Err(e.into()),
+        if write(&api, &quota).await? {
+            return Ok(Admission::Admitted);
         }
     }
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
@@ -143,17 +140,8 @@ async fn update(ctx: &Context, image: &Image, change: impl Fn(&mut Vec<Reservati
             return Ok(());
         }
         quota.status = Some(status);
-        match api
-            .replace_status(
-                QUOTA_NAME,
-                &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() },
-                &quota,
-            )
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if conflict(&e) => continue,
-            Err(e) => return Err(e.into()),
+        if write(&api, &quota).await? {
+            return Ok(());
         }
     }
     Err(Error::Transient("the quota ledger is busy; retrying".into()))

@@ -20,6 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::schema::go_quote;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
 use serde_json::{Map, Value, json};
 
@@ -1409,26 +1411,6 @@ fn go_value_text(v: &Value) -> String {
         Value::Array(items) => format!("[{}]", items.iter().map(go_value_text).collect::<Vec<_>>().join(",")),
         Value::Object(m) => m.iter().map(|(k, v)| format!("{k}={}", go_value_text(v))).collect(),
     }
-}
-
-/// Go's `%q` (close enough for messages).
-fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::schema::go_quote;
+
 /// The largest number of operations kube-apiserver accepts in one JSON Patch.
 pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
 
@@ -220,26 +222,6 @@ fn go_json_type(v: &Value) -> &'static str {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     }
-}
-
-/// Go's `strconv.Quote` (close enough for error texts).
-fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Go's `strconv.Atoi`, with its error text.
