@@ -36,6 +36,28 @@ pub struct Manifest {
     pub object: Value,
 }
 
+/// `file://./path` image URLs are relative to the manifest's directory: `local` makes them
+/// absolute before applying (a local convenience, like kustomize's relative paths).
+pub fn resolve_relative_files(object: &mut Value, dir: &Path) {
+    let absolute = |url: &mut Value| {
+        if let Some(rest) = url.as_str().and_then(|u| u.strip_prefix("file://./")) {
+            let path = dir.join(rest);
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            *url = Value::String(format!("file://{}", path.display()));
+        }
+    };
+    if let Some(url) = object.pointer_mut("/spec/source/url/url") {
+        absolute(url);
+    }
+    if let Some(disks) = object.pointer_mut("/spec/source/disks").and_then(Value::as_array_mut) {
+        for disk in disks {
+            if let Some(url) = disk.get_mut("url") {
+                absolute(url);
+            }
+        }
+    }
+}
+
 /// Why `local` could not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -92,6 +114,8 @@ pub fn read_manifests(dir: &Path) -> Result<Vec<Manifest>, LocalError> {
             if value.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
                 return Err(LocalError::Manifest { origin, reason: "`metadata.name` is missing".into() });
             }
+            let mut value = value;
+            resolve_relative_files(&mut value, file.parent().unwrap_or(Path::new(".")));
             out.push(Manifest { origin, object: value });
         }
     }
@@ -433,6 +457,18 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_file_urls_resolve_against_the_manifest_directory() {
+        let mut obj = serde_json::json!({"spec": {"source": {"url": {"url": "file://./images/a.raw"}}}});
+        resolve_relative_files(&mut obj, Path::new("/srv/manifests"));
+        assert_eq!(obj["spec"]["source"]["url"]["url"], "file:///srv/manifests/images/a.raw");
+        let mut disks =
+            serde_json::json!({"spec": {"source": {"disks": [{"url": "file://./d.qcow2"}, {"url": "https://x/y"}]}}});
+        resolve_relative_files(&mut disks, Path::new("/m"));
+        assert_eq!(disks["spec"]["source"]["disks"][0]["url"], "file:///m/d.qcow2");
+        assert_eq!(disks["spec"]["source"]["disks"][1]["url"], "https://x/y", "other URLs are left alone");
+    }
 
     #[test]
     fn table_aligns_columns_like_kubectl() {

@@ -174,3 +174,54 @@ async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     assert_eq!(code.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
 }
+
+/// The README's first command: `local` on examples/ imports real bytes and prints the table.
+#[test]
+fn local_settles_the_examples_with_real_bytes() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args(["local", "--check", "--data-dir", data.path().to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row =
+        table.lines().find(|l| l.starts_with("Image") && l.contains("tenant-a") && l.contains("ubuntu-2404")).unwrap();
+    assert!(row.contains("Active"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("Region") && l.contains("eu-west") && l.contains("StoreReady")),
+        "{table}"
+    );
+    let stored = data.path().join("stores/eu-west/tenant-a/ubuntu-2404");
+    let uid_dir = std::fs::read_dir(&stored).unwrap().next().unwrap().unwrap().path();
+    let bytes = std::fs::read(uid_dir.join("disk")).unwrap();
+    let source =
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images/base-64m.qcow2")).unwrap();
+    assert_eq!(bytes, source, "the stored bytes are the example image");
+}
+
+#[test]
+fn local_check_fails_on_rejected_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid/duplicate-tenants.yaml"),
+        dir.path().join("share.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args([
+            "local",
+            "--check",
+            "-f",
+            dir.path().to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("Rejected") && table.contains("Duplicate value: \"tenant-b\""), "{table}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("check failed: 1 object(s)"));
+}
