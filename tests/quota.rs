@@ -92,4 +92,36 @@ scenarios! {
         assert_eq!(newly, expected, "the oldest queued images are admitted first");
         assert_eq!(quotas.get("default").await.unwrap().status.unwrap().reservations.len(), 5);
     }
+
+    async fn concurrent_imports_gate_byte_moves_and_a_raised_limit_releases_them(env: &Env) {
+        let ns = env.namespace("slots").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("d.raw"), vec![4u8; 5_000]).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        let regions: Api<Region> = Api::all(env.client.clone());
+        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
+            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
+        let set_slots = |n: i64| json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota", "metadata": {"name": "default"}, "spec": {"concurrentImports": n}});
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(set_slots(0))).await.unwrap();
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        for n in 0..3 {
+            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": format!("s-{n}")},
+                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            images.create(&PostParams::default(), &image).await.unwrap();
+        }
+        for n in 0..3 {
+            let queued = env.wait_for(&images, &format!("s-{n}"), |i: Option<&Image>| i.is_some_and(|i| phase_reason(i) == (Some(ImagePhase::Queued), "Queued".into()))).await.unwrap();
+            assert!(queued.status.unwrap().message.unwrap().contains("concurrentImports"));
+        }
+        let ledger = quotas.get("default").await.unwrap().status.unwrap();
+        assert_eq!(ledger.reservations.len(), 3, "admitted to the region, waiting for a slot");
+        assert!(ledger.reservations.iter().all(|r| !r.importing));
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(set_slots(2))).await.unwrap();
+        settle(&images, 3, 0).await;
+        let ledger = quotas.get("default").await.unwrap().status.unwrap();
+        assert!(ledger.reservations.iter().all(|r| !r.importing && r.bytes == 5_000), "slots are freed and bytes recorded: {ledger:?}");
+    }
 }

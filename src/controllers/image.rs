@@ -142,6 +142,13 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now)).await?;
         return Ok(Action::await_change());
     }
+    if !quota::start_import(ctx, &image).await? {
+        let message = format!(
+            "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
+        );
+        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
+        return Ok(Action::await_change());
+    }
     let limit_gib = match region.spec.max_image_size_gib {
         Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
         _ => ctx.config.policy.max_image_size_gib,
@@ -227,7 +234,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             active.r#type = Some(image.spec.r#type);
             active.os = image.spec.os.clone();
             write(api, &image, &active).await?;
-            quota::set_bytes(ctx, &image, size).await?;
+            quota::finish_import(ctx, &image, size).await?;
             tracing::info!(size, format = %imported.detected.format, "image imported");
             Ok(Action::requeue(Duration::from_secs(3600)))
         }
@@ -243,6 +250,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
                 ..with_phase(&saving, generation, ImagePhase::Failed, e.reason(), &e.to_string(), &now)
             };
             write(api, &image, &failed).await?;
+            quota::finish_import(ctx, &image, 0).await?;
             Ok(Action::await_change())
         }
     }

@@ -112,11 +112,41 @@ pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
 }
 
-/// Records the stored size of an admitted image.
-pub async fn set_bytes(ctx: &Context, image: &Image, bytes: i64) -> Result<(), Error> {
+/// Takes an import slot (`concurrentImports` per namespace) for an admitted image: true when
+/// the image holds one (also when it already did: a restarted import keeps its slot).
+pub async fn start_import(ctx: &Context, image: &Image) -> Result<bool, Error> {
+    let namespace = image.namespace().unwrap_or_default();
+    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
+    for _ in 0..ATTEMPTS {
+        let mut quota = quota(&api).await?;
+        let mut status = quota.status.clone().unwrap_or_default();
+        let hard = limits(&quota.spec, &ctx.config.policy);
+        let in_flight = status.reservations.iter().filter(|r| r.importing).count() as i64;
+        let Some(mine) = status.reservations.iter_mut().find(|r| Some(&r.uid) == image.metadata.uid.as_ref()) else {
+            return Ok(false);
+        };
+        if mine.importing {
+            return Ok(true);
+        }
+        if in_flight >= hard.concurrent_imports {
+            return Ok(false);
+        }
+        mine.importing = true;
+        recount(&mut status, hard);
+        quota.status = Some(status);
+        if write(&api, &quota).await? {
+            return Ok(true);
+        }
+    }
+    Err(Error::Transient("the quota ledger is busy; retrying".into()))
+}
+
+/// Ends an import: frees its slot and records the bytes stored (0 when it failed).
+pub async fn finish_import(ctx: &Context, image: &Image, bytes: i64) -> Result<(), Error> {
     update(ctx, image, |r| {
         if let Some(r) = r.iter_mut().find(|r| Some(&r.uid) == image.metadata.uid.as_ref()) {
             r.bytes = bytes;
+            r.importing = false;
         }
     })
     .await
