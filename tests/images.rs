@@ -219,4 +219,51 @@ scenarios! {
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         assert_eq!(images.get("later").await.unwrap().resource_version(), before, "retries write nothing while the outcome is the same");
     }
+
+    async fn transitions_are_announced_once_as_events(env: &Env) {
+        let ns = env.namespace("events").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("d.raw"), vec![5u8; 4096]).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        region(env, &region_name).await;
+        env.start_operator();
+        let regions: Api<Region> = Api::all(env.client.clone());
+        env.wait_for(&regions, &region_name, |r: Option<&Region>| {
+            r.and_then(|r| r.status.as_ref()).is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .await;
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        images.patch("ok", &PatchParams::apply("test"), &Patch::Apply(image("ok", &region_name, &format!("http://{addr}/d.raw"), json!({})))).await.unwrap();
+        let mut bad = image("bad", &region_name, &format!("http://{addr}/d.raw"), json!({}));
+        bad["spec"]["source"]["url"]["checksum"] = json!(format!("sha256:{}", "1".repeat(64)));
+        images.patch("bad", &PatchParams::apply("test"), &Patch::Apply(bad)).await.unwrap();
+        env.wait_for(&images, "ok", reason_is("Active")).await;
+        env.wait_for(&images, "bad", reason_is("ChecksumMismatch")).await;
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &ns);
+        let mut seen = Vec::new();
+        for _ in 0..50 {
+            seen = events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|e| (e.regarding.and_then(|r| r.name).unwrap_or_default(), e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+                .collect::<Vec<_>>();
+            if seen.iter().filter(|(_, _, r)| !r.starts_with("Region")).count() >= 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // Waiting for the region may be announced too, depending on how fast its probe ran.
+        seen.retain(|(_, _, reason)| !reason.starts_with("Region"));
+        seen.sort();
+        assert_eq!(seen, [
+            ("bad".to_string(), "Normal".to_string(), "Importing".to_string()),
+            ("bad".to_string(), "Warning".to_string(), "ChecksumMismatch".to_string()),
+            ("ok".to_string(), "Normal".to_string(), "Active".to_string()),
+            ("ok".to_string(), "Normal".to_string(), "Importing".to_string()),
+        ]);
+    }
 }

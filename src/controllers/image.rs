@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     runtime::{
         Controller,
         controller::Action,
@@ -78,9 +78,39 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-async fn write(api: &Api<Image>, image: &Image, desired: &ImageStatus) -> Result<(), Error> {
+async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageStatus) -> Result<(), Error> {
+    announce(ctx, image, desired).await;
     status::apply_status(api, &image.name_any(), MANAGER, image.status.as_ref(), desired).await?;
     Ok(())
+}
+
+/// An Event for a transition a person should see (admitted, active, failed, over quota),
+/// published only when the phase or reason changes, so requeues make no event storm.
+async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
+    let ready = |s: Option<&ImageStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (s.and_then(|s| s.phase), c.reason.clone()))
+    };
+    let now = ready(Some(desired));
+    if now == ready(image.status.as_ref()) {
+        return;
+    }
+    let Some((phase, reason)) = now else { return };
+    let warning = matches!(phase, Some(ImagePhase::Failed)) || reason == "QuotaExceeded";
+    let event = kube::runtime::events::Event {
+        type_: if warning {
+            kube::runtime::events::EventType::Warning
+        } else {
+            kube::runtime::events::EventType::Normal
+        },
+        reason,
+        note: desired.message.clone().map(|m| m.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &image.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
 }
 
 async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Action, Error> {
@@ -110,7 +140,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         // Bytes are immutable once Active: later spec changes only move observedGeneration.
         Some(ImagePhase::Active) => {
             let desired = with_phase(&old, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
-            write(api, &image, &desired).await?;
+            write(ctx, api, &image, &desired).await?;
             return Ok(Action::requeue(Duration::from_secs(3600)));
         }
         Some(ImagePhase::Failed) if old.observed_generation == generation => return Ok(Action::await_change()),
@@ -121,32 +151,40 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             "visibility Public is only allowed in the platform namespace {}: use Private or Marketplace",
             ctx.config.public_namespace
         );
-        write(api, &image, &with_phase(&old, generation, ImagePhase::Failed, "VisibilityNotAllowed", &message, &now))
-            .await?;
+        write(
+            ctx,
+            api,
+            &image,
+            &with_phase(&old, generation, ImagePhase::Failed, "VisibilityNotAllowed", &message, &now),
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     let region_name = &image.spec.region;
     let Some(region) = ctx.regions.get(&ObjectRef::new(region_name)) else {
         let message = format!("Region {region_name} does not exist: create it, or correct spec.region");
-        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotFound", &message, &now)).await?;
+        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotFound", &message, &now))
+            .await?;
         return Ok(Action::await_change());
     };
     let ready =
         region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let Some(store) = ctx.store(region_name).filter(|_| ready) else {
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
-        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now)).await?;
+        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now))
+            .await?;
         return Ok(Action::await_change());
     };
     if let quota::Admission::OverQuota(message) = quota::admit(ctx, &image).await? {
-        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now)).await?;
+        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now))
+            .await?;
         return Ok(Action::await_change());
     }
     if !quota::start_import(ctx, &image).await? {
         let message = format!(
             "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
         );
-        write(api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
+        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
         return Ok(Action::await_change());
     }
     let limit_gib = match region.spec.max_image_size_gib {
@@ -170,7 +208,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             &now,
         )
     };
-    write(api, &image, &saving).await?;
+    write(ctx, api, &image, &saving).await?;
 
     // Progress goes through a channel; a writer task patches it at most every progress_every.
     let (tx, mut rx) = tokio::sync::watch::channel::<Option<(u64, Option<u64>)>>(None);
@@ -233,7 +271,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             active.progress = Some(Progress { bytes_done: size, bytes_total: Some(size), percent: Some(100) });
             active.r#type = Some(image.spec.r#type);
             active.os = image.spec.os.clone();
-            write(api, &image, &active).await?;
+            write(ctx, api, &image, &active).await?;
             quota::finish_import(ctx, &image, size).await?;
             tracing::info!(size, format = %imported.detected.format, "image imported");
             Ok(Action::requeue(Duration::from_secs(3600)))
@@ -241,7 +279,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         Err(e) if e.is_transient() => {
             let queued =
                 with_phase(&saving, generation, ImagePhase::Saving, e.reason(), &format!("{e}; retrying"), &now);
-            write(api, &image, &queued).await?;
+            write(ctx, api, &image, &queued).await?;
             Err(Error::Transient(e.to_string()))
         }
         Err(e) => {
@@ -249,7 +287,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
                 progress: None,
                 ..with_phase(&saving, generation, ImagePhase::Failed, e.reason(), &e.to_string(), &now)
             };
-            write(api, &image, &failed).await?;
+            write(ctx, api, &image, &failed).await?;
             quota::finish_import(ctx, &image, 0).await?;
             Ok(Action::await_change())
         }
@@ -270,7 +308,7 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
         let message = "deletion is held: spec.protected is true; set it to false to delete the image";
         let held =
             with_phase(&old, image.metadata.generation, ImagePhase::Deleting, "Protected", message, &status::now());
-        write(api, &image, &held).await?;
+        write(ctx, api, &image, &held).await?;
         return Err(Error::Protected(message.into()));
     }
     let namespace = image.namespace().unwrap_or_default();

@@ -78,6 +78,8 @@ pub struct Context {
     probes: Mutex<HashMap<String, ProbeRecord>>,
     /// Opened stores of Ready regions.
     pub stores: Mutex<HashMap<String, RegionStore>>,
+    /// Publishes events.k8s.io Events (de-duplicated into series by kube's recorder).
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 impl Context {
@@ -172,6 +174,13 @@ pub async fn run(
         regions,
         probes: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "ims-operator".into(),
+                instance: std::env::var("HOSTNAME").ok(),
+            },
+        ),
     });
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
         Box::pin(region::run(ctx.clone(), shutdown.clone())),
