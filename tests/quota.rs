@@ -124,4 +124,46 @@ scenarios! {
         let ledger = quotas.get("default").await.unwrap().status.unwrap();
         assert!(ledger.reservations.iter().all(|r| !r.importing && r.bytes == 5_000), "slots are freed and bytes recorded: {ledger:?}");
     }
+
+    async fn bytes_over_image_bytes_per_region_fail_the_image_and_are_removed(env: &Env) {
+        let ns = env.namespace("bytes").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        std::fs::write(files.path().join("d.raw"), vec![6u8; 5_000]).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        let regions: Api<Region> = Api::all(env.client.clone());
+        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
+            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota",
+            "metadata": {"name": "default"}, "spec": {"imageBytesPerRegion": 8_000, "concurrentImports": 1}}))).await.unwrap();
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        for n in 0..2 {
+            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": format!("b-{n}")},
+                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            images.create(&PostParams::default(), &image).await.unwrap();
+        }
+        let mut outcomes = Vec::new();
+        for n in 0..2 {
+            let done = env.wait_for(&images, &format!("b-{n}"), |i: Option<&Image>| {
+                i.is_some_and(|i| matches!(phase_reason(i).0, Some(ImagePhase::Active) | Some(ImagePhase::Failed)))
+            }).await.unwrap();
+            outcomes.push(phase_reason(&done));
+        }
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(outcomes, [(Some(ImagePhase::Active), "Active".to_string()), (Some(ImagePhase::Failed), "QuotaExceeded".to_string())]);
+        let ledger = quotas.get("default").await.unwrap().status.unwrap();
+        assert_eq!(ledger.used[0].bytes, 5_000, "only the admitted bytes count");
+        if env.server().is_some() {
+            let mut stored = 0;
+            let mut stack = vec![env.region_dir(&region_name)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.path().is_dir() { stack.push(e.path()) } else { stored += 1 }
+                }
+            }
+            assert_eq!(stored, 1, "the refused image's bytes are removed");
+        }
+    }
 }

@@ -256,9 +256,19 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     let now = status::now();
     match result {
         Ok(imported) => {
+            let size = imported.size as i64;
+            if let Some(message) = quota::finish_import(ctx, &image, size).await? {
+                let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
+                store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
+                let failed = ImageStatus {
+                    progress: None,
+                    ..with_phase(&saving, generation, ImagePhase::Failed, "QuotaExceeded", &message, &now)
+                };
+                write(ctx, api, &image, &failed).await?;
+                return Ok(Action::await_change());
+            }
             let mut active =
                 with_phase(&saving, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
-            let size = imported.size as i64;
             active.format = Some(imported.detected.format.as_api_str().to_string());
             active.size_bytes = Some(size);
             active.virtual_size_bytes = Some(imported.detected.virtual_size as i64);
@@ -272,7 +282,6 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             active.r#type = Some(image.spec.r#type);
             active.os = image.spec.os.clone();
             write(ctx, api, &image, &active).await?;
-            quota::finish_import(ctx, &image, size).await?;
             tracing::info!(size, format = %imported.detected.format, "image imported");
             Ok(Action::requeue(Duration::from_secs(3600)))
         }

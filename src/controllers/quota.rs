@@ -10,7 +10,7 @@ use kube::{
 
 use super::{Context, Error};
 use crate::{
-    api::{Image, ImagePhase, ImageQuota, ImageQuotaSpec, QUOTA_NAME, Reservation},
+    api::{Image, ImagePhase, ImageQuota, ImageQuotaSpec, QUOTA_NAME, QuotaLimits, Reservation},
     policy::quota::{has_room, images_in, limits, recount},
 };
 
@@ -141,31 +141,54 @@ pub async fn start_import(ctx: &Context, image: &Image) -> Result<bool, Error> {
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
 }
 
-/// Ends an import: frees its slot and records the bytes stored (0 when it failed).
-pub async fn finish_import(ctx: &Context, image: &Image, bytes: i64) -> Result<(), Error> {
-    update(ctx, image, |r| {
-        if let Some(r) = r.iter_mut().find(|r| Some(&r.uid) == image.metadata.uid.as_ref()) {
-            r.bytes = bytes;
+/// Ends an import: frees its slot and records the bytes stored (0 when it failed). When the
+/// bytes would take the region over `imageBytesPerRegion`, records 0 and returns why: the
+/// caller removes the bytes and fails the image with `QuotaExceeded`.
+pub async fn finish_import(ctx: &Context, image: &Image, bytes: i64) -> Result<Option<String>, Error> {
+    let exceeded = std::sync::Mutex::new(None);
+    let uid = image.metadata.uid.clone();
+    update(ctx, image, |reservations, hard| {
+        let others: i64 = reservations
+            .iter()
+            .filter(|r| r.region == image.spec.region && Some(&r.uid) != uid.as_ref())
+            .map(|r| r.bytes)
+            .sum();
+        let limit = hard.image_bytes_per_region.filter(|limit| others.saturating_add(bytes) > *limit);
+        if let Some(r) = reservations.iter_mut().find(|r| Some(&r.uid) == uid.as_ref()) {
+            r.bytes = if limit.is_some() { 0 } else { bytes };
             r.importing = false;
         }
+        if let Ok(mut slot) = exceeded.lock() {
+            *slot = limit.map(|limit| {
+                format!(
+                    "the image has {bytes} bytes and the region already holds {others}: more than imageBytesPerRegion {limit}; delete images or raise the limit in ImageQuota default, then re-create this image"
+                )
+            });
+        }
     })
-    .await
+    .await?;
+    Ok(exceeded.into_inner().unwrap_or(None))
 }
 
 /// Releases an image's slot (deletion); a missing ledger or reservation is fine.
 pub async fn release(ctx: &Context, image: &Image) -> Result<(), Error> {
-    update(ctx, image, |r| r.retain(|r| Some(&r.uid) != image.metadata.uid.as_ref())).await
+    update(ctx, image, |r, _| r.retain(|r| Some(&r.uid) != image.metadata.uid.as_ref())).await
 }
 
-async fn update(ctx: &Context, image: &Image, change: impl Fn(&mut Vec<Reservation>)) -> Result<(), Error> {
+async fn update(
+    ctx: &Context,
+    image: &Image,
+    change: impl Fn(&mut Vec<Reservation>, &QuotaLimits),
+) -> Result<(), Error> {
     let namespace = image.namespace().unwrap_or_default();
     let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
     for _ in 0..ATTEMPTS {
         let Some(mut quota) = api.get_opt(QUOTA_NAME).await? else { return Ok(()) };
         let mut status = quota.status.clone().unwrap_or_default();
         let before = status.clone();
-        change(&mut status.reservations);
-        recount(&mut status, limits(&quota.spec, &ctx.config.policy));
+        let hard = limits(&quota.spec, &ctx.config.policy);
+        change(&mut status.reservations, &hard);
+        recount(&mut status, hard);
         if status == before {
             return Ok(());
         }
