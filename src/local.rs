@@ -248,7 +248,11 @@ pub fn row(kind: &str, obj: &Value) -> Row {
         name: text(obj.pointer("/metadata/name")),
         phase,
         reason: text(ready.and_then(|c| c.get("reason"))),
-        message: text(ready.and_then(|c| c.get("message"))),
+        // An ImageQuota has no conditions: its summary line is what a person wants to see.
+        message: match obj.pointer("/status/summary") {
+            Some(summary) if ready.is_none() => text(Some(summary)),
+            _ => text(ready.and_then(|c| c.get("message"))),
+        },
     }
 }
 

@@ -166,4 +166,24 @@ scenarios! {
             assert_eq!(stored, 1, "the refused image's bytes are removed");
         }
     }
+
+    async fn the_ledger_shows_the_limits_in_force_when_the_spec_changes(env: &Env) {
+        let ns = env.namespace("hard").await;
+        env.start_operator();
+        let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
+        for limit in [7, 9] {
+            let q = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota", "metadata": {"name": "default"}, "spec": {"privateImagesPerRegion": limit}});
+            quotas.patch("default", &PatchParams::apply("gitops"), &Patch::Apply(q)).await.unwrap();
+            let refreshed = env
+                .wait_for(&quotas, "default", move |q: Option<&ImageQuota>| {
+                    q.and_then(|q| q.status.as_ref()).and_then(|s| s.hard.as_ref()).is_some_and(|h| h.private_images_per_region == limit)
+                })
+                .await
+                .unwrap();
+            let status = refreshed.status.unwrap();
+            assert_eq!(status.summary, Some(format!("0/{limit} images per region")));
+            assert_eq!(status.observed_generation, refreshed.metadata.generation);
+            assert_eq!(status.hard.unwrap().concurrent_imports, 40, "unset keys come from the policy");
+        }
+    }
 }

@@ -25,7 +25,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    api::{Image, ImageCopy, ImageQuota, ImageShare, Region},
+    api::{Image, ImageCopy, ImageShare, Region},
     fetch::FetchPolicy,
     policy::{Policy, region::Probe},
     store::{RegionStore, StoreConfig},
@@ -187,7 +187,7 @@ pub async fn run(
         Box::pin(image::run(ctx.clone(), shutdown.clone())),
         observe::<ImageShare>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
         observe::<ImageCopy>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
-        observe::<ImageQuota>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];
     futures::future::join_all(controllers).await;
     caches.abort();

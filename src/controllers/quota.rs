@@ -180,8 +180,21 @@ async fn update(
     image: &Image,
     change: impl Fn(&mut Vec<Reservation>, &QuotaLimits),
 ) -> Result<(), Error> {
-    let namespace = image.namespace().unwrap_or_default();
-    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
+    update_namespace(ctx, &image.namespace().unwrap_or_default(), change).await
+}
+
+/// Brings `hard`, `used`, `summary` and `observedGeneration` of a namespace's ledger up to date
+/// (after a change of ImageQuota.spec).
+pub async fn refresh(ctx: &Context, namespace: &str) -> Result<(), Error> {
+    update_namespace(ctx, namespace, |_, _| {}).await
+}
+
+async fn update_namespace(
+    ctx: &Context,
+    namespace: &str,
+    change: impl Fn(&mut Vec<Reservation>, &QuotaLimits),
+) -> Result<(), Error> {
+    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), namespace);
     for _ in 0..ATTEMPTS {
         let Some(mut quota) = api.get_opt(QUOTA_NAME).await? else { return Ok(()) };
         let mut status = quota.status.clone().unwrap_or_default();
@@ -189,6 +202,7 @@ async fn update(
         let hard = limits(&quota.spec, &ctx.config.policy);
         change(&mut status.reservations, &hard);
         recount(&mut status, hard);
+        status.observed_generation = quota.metadata.generation;
         if status == before {
             return Ok(());
         }
@@ -198,4 +212,29 @@ async fn update(
         }
     }
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
+}
+
+/// The ImageQuota controller: keeps each ledger's `hard` and `summary` current when its spec
+/// changes (reservations are written by the Image controller through the same ledger code).
+pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
+    use futures::StreamExt;
+    use kube::runtime::{Controller, controller::Action, watcher};
+    Controller::new(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(
+            |quota: std::sync::Arc<ImageQuota>, ctx: std::sync::Arc<Context>| async move {
+                match quota.namespace() {
+                    Some(namespace) if quota.name_any() == QUOTA_NAME => refresh(&ctx, &namespace).await?,
+                    _ => {}
+                }
+                Ok::<_, Error>(Action::await_change())
+            },
+            |_quota, err: &Error, _ctx| {
+                tracing::warn!(error = %err, label = err.metric_label(), "quota reconcile failed");
+                Action::requeue(std::time::Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
 }
