@@ -18,6 +18,7 @@
 
 use serde_json::{Map, Value, json};
 
+use super::errors::ApiError;
 use crate::schema::go_quote;
 
 /// The largest number of operations kube-apiserver accepts in one JSON Patch.
@@ -76,19 +77,13 @@ impl PatchError {
 
     /// The whole `v1.Status` body kube-apiserver writes for this error.
     pub fn to_status(&self) -> Value {
-        let mut status = json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.status_message(),
-            "reason": self.reason(),
-            "code": self.code(),
-        });
-        if let (Self::Unprocessable(_), Some(obj)) = (self, status.as_object_mut()) {
-            obj.insert("details".to_owned(), json!({}));
-        }
-        status
+        self.to_api_error().to_status()
+    }
+
+    /// The error as the embedded API answers it.
+    pub fn to_api_error(&self) -> ApiError {
+        let details = matches!(self, Self::Unprocessable(_)).then(|| json!({}));
+        ApiError { code: self.code(), reason: self.reason(), message: self.status_message(), details }
     }
 }
 
@@ -474,7 +469,7 @@ fn apply_operation(doc: &mut Value, op: Option<&Map<String, Value>>) -> Result<(
 }
 
 /// Structural equality; numbers compare by value when one of them is not an integer.
-fn json_equal(a: &Value, b: &Value) -> bool {
+pub(crate) fn json_equal(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => {
             if x.is_f64() || y.is_f64() {

@@ -452,10 +452,9 @@ impl Inner {
                 let patch_doc: Value = serde_json::from_slice(body)
                     .map_err(|e| ApiError::bad_request(format!("the body of the request could not be decoded: {e}")))?;
                 let patched = if media == "application/json-patch+json" {
-                    patch::json_patch(&current, &patch_doc).map_err(|e| ApiError::from_status(e.to_status()))?
+                    patch::json_patch(&current, &patch_doc).map_err(|e| e.to_api_error())?
                 } else {
-                    patch::merge_patch_checked(&current, &patch_doc)
-                        .map_err(|e| ApiError::from_status(e.to_status()))?
+                    patch::merge_patch_checked(&current, &patch_doc).map_err(|e| e.to_api_error())?
                 };
                 if let Some(rv) = meta_str(&patched, "resourceVersion")
                     && rv != meta_str(&current, "resourceVersion").unwrap_or_default()
