@@ -8,7 +8,7 @@ use ims_operator::{
     embedded::{ApiServer, Options},
 };
 use kube::{
-    Api, Client, ResourceExt,
+    Api, ResourceExt,
     api::{Patch, PatchParams, WatchEvent, WatchParams},
 };
 use serde_json::{Value, json};
@@ -201,9 +201,4 @@ async fn kubectl_works_against_the_served_api() {
     ])
     .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Private", "defaults applied");
-}
-
-#[allow(dead_code)]
-fn assert_client_is_send(c: Client) -> impl Send {
-    c
 }

@@ -206,7 +206,25 @@ scenarios! {
     async fn an_unreachable_source_is_retried_without_status_churn(env: &Env) {
         let ns = env.namespace("retry").await;
         let region_name = format!("{ns}-r");
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // A server that is there but keeps answering 503 (a transient failure). It holds its
+        // port, so no other test's server can take it over.
+        let busy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = busy.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = busy.accept().await {
+                // Read the whole request first, so every attempt fails the same way.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+            }
+        });
         region(env, &region_name).await;
         env.start_operator();
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);

@@ -33,26 +33,47 @@ async fn settle(images: &Api<Image>, want_active: usize, want_queued: usize) -> 
     );
 }
 
+/// A fresh namespace and Region, and a local server whose `/d.raw` is `size` bytes of `byte`.
+async fn setup(
+    env: &support::Env,
+    tag: &str,
+    byte: u8,
+    size: usize,
+) -> (String, String, std::net::SocketAddr, tempfile::TempDir) {
+    let ns = env.namespace(tag).await;
+    let region_name = format!("{ns}-r");
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("d.raw"), vec![byte; size]).unwrap();
+    let addr = support::serve_files(files.path().to_path_buf()).await;
+    let regions: Api<Region> = Api::all(env.client.clone());
+    let region = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": region_name},
+        "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}});
+    regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(region)).await.unwrap();
+    (ns, region_name, addr, files)
+}
+
+/// The `default` ImageQuota with this spec.
+fn quota(spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota", "metadata": {"name": "default"}, "spec": spec})
+}
+
+/// A DataDisk image importing `http://addr/d.raw`.
+fn data_disk(name: &str, region: &str, addr: std::net::SocketAddr) -> Image {
+    serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name},
+        "spec": {"region": region, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}}))
+    .unwrap()
+}
+
 scenarios! {
     async fn thirty_concurrent_creates_at_limit_five_admit_exactly_five_then_the_oldest(env: &Env) {
-        let ns = env.namespace("quota").await;
-        let region_name = format!("{ns}-r");
-        let files = tempfile::tempdir().unwrap();
-        std::fs::write(files.path().join("d.raw"), vec![3u8; 10_000]).unwrap();
-        let addr = support::serve_files(files.path().to_path_buf()).await;
-        let regions: Api<Region> = Api::all(env.client.clone());
-        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
-            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let (ns, region_name, addr, _files) = setup(env, "quota", 3, 10_000).await;
         let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
-        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota",
-            "metadata": {"name": "default"}, "spec": {"privateImagesPerRegion": 5}}))).await.unwrap();
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(quota(json!({"privateImagesPerRegion": 5})))).await.unwrap();
         env.start_operator();
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let creates = (0..30).map(|n| {
             let images = images.clone();
-            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image",
-                "metadata": {"name": format!("img-{n:02}")},
-                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            let image = data_disk(&format!("img-{n:02}"), &region_name, addr);
             async move { images.create(&PostParams::default(), &image).await.unwrap() }
         });
         futures::future::join_all(creates).await;
@@ -94,22 +115,14 @@ scenarios! {
     }
 
     async fn concurrent_imports_gate_byte_moves_and_a_raised_limit_releases_them(env: &Env) {
-        let ns = env.namespace("slots").await;
-        let region_name = format!("{ns}-r");
-        let files = tempfile::tempdir().unwrap();
-        std::fs::write(files.path().join("d.raw"), vec![4u8; 5_000]).unwrap();
-        let addr = support::serve_files(files.path().to_path_buf()).await;
-        let regions: Api<Region> = Api::all(env.client.clone());
-        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
-            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let (ns, region_name, addr, _files) = setup(env, "slots", 4, 5_000).await;
         let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
-        let set_slots = |n: i64| json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota", "metadata": {"name": "default"}, "spec": {"concurrentImports": n}});
+        let set_slots = |n: i64| quota(json!({"concurrentImports": n}));
         quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(set_slots(0))).await.unwrap();
         env.start_operator();
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         for n in 0..3 {
-            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": format!("s-{n}")},
-                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            let image = data_disk(&format!("s-{n}"), &region_name, addr);
             images.create(&PostParams::default(), &image).await.unwrap();
         }
         for n in 0..3 {
@@ -126,22 +139,13 @@ scenarios! {
     }
 
     async fn bytes_over_image_bytes_per_region_fail_the_image_and_are_removed(env: &Env) {
-        let ns = env.namespace("bytes").await;
-        let region_name = format!("{ns}-r");
-        let files = tempfile::tempdir().unwrap();
-        std::fs::write(files.path().join("d.raw"), vec![6u8; 5_000]).unwrap();
-        let addr = support::serve_files(files.path().to_path_buf()).await;
-        let regions: Api<Region> = Api::all(env.client.clone());
-        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
-            "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}}))).await.unwrap();
+        let (ns, region_name, addr, _files) = setup(env, "bytes", 6, 5_000).await;
         let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
-        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota",
-            "metadata": {"name": "default"}, "spec": {"imageBytesPerRegion": 8_000, "concurrentImports": 1}}))).await.unwrap();
+        quotas.patch("default", &PatchParams::apply("test"), &Patch::Apply(quota(json!({"imageBytesPerRegion": 8_000, "concurrentImports": 1})))).await.unwrap();
         env.start_operator();
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         for n in 0..2 {
-            let image: Image = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": format!("b-{n}")},
-                "spec": {"region": region_name, "type": "DataDisk", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}})).unwrap();
+            let image = data_disk(&format!("b-{n}"), &region_name, addr);
             images.create(&PostParams::default(), &image).await.unwrap();
         }
         let mut outcomes = Vec::new();
@@ -172,7 +176,7 @@ scenarios! {
         env.start_operator();
         let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
         for limit in [7, 9] {
-            let q = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageQuota", "metadata": {"name": "default"}, "spec": {"privateImagesPerRegion": limit}});
+            let q = quota(json!({"privateImagesPerRegion": limit}));
             quotas.patch("default", &PatchParams::apply("gitops"), &Patch::Apply(q)).await.unwrap();
             let refreshed = env
                 .wait_for(&quotas, "default", move |q: Option<&ImageQuota>| {

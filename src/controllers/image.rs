@@ -23,13 +23,16 @@ use crate::{
     api::{
         CLEANUP_FINALIZER, Image, ImageChecksum, ImageLocation, ImagePhase, ImageQuota, ImageStatus, Progress, Region,
     },
-    import::{self, ImportError, Request},
+    import::{self, Request},
     policy::image::{percent, visibility_allowed, with_phase},
 };
 
 /// Field manager of Image status.
 pub const MANAGER: &str = "ims-operator/image";
 const GIB: u64 = 1 << 30;
+/// A waiting image (region, quota, import slot) is re-run by the watches on Regions and
+/// ImageQuotas; this re-check covers an image that entered the cache after such an event.
+const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs the Image controller until shutdown.
 pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
@@ -165,7 +168,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         let message = format!("Region {region_name} does not exist: create it, or correct spec.region");
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotFound", &message, &now))
             .await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(WAITING_RECHECK));
     };
     let ready =
         region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
@@ -173,19 +176,19 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now))
             .await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(WAITING_RECHECK));
     };
     if let quota::Admission::OverQuota(message) = quota::admit(ctx, &image).await? {
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now))
             .await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(WAITING_RECHECK));
     }
     if !quota::start_import(ctx, &image).await? {
         let message = format!(
             "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
         );
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(WAITING_RECHECK));
     }
     let limit_gib = match region.spec.max_image_size_gib {
         Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
@@ -336,9 +339,4 @@ fn error_policy(image: Arc<Image>, err: &Error, _ctx: Arc<Context>) -> Action {
         Error::Protected(_) => Action::requeue(Duration::from_secs(60)),
         _ => Action::requeue(Duration::from_secs(5)),
     }
-}
-
-#[allow(dead_code)]
-fn _import_error_is_send(e: ImportError) -> impl Send {
-    e
 }

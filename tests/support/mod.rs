@@ -147,10 +147,13 @@ impl Env {
     where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        tokio::time::timeout(WAIT, await_condition(api.clone(), name, cond))
-            .await
-            .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {name}"))
-            .expect("watch")
+        match tokio::time::timeout(WAIT, await_condition(api.clone(), name, cond)).await {
+            Ok(found) => found.expect("watch"),
+            Err(_) => {
+                let now = api.get_opt(name).await.ok().flatten();
+                panic!("timed out after {WAIT:?} waiting for {name}; it is now: {now:#?}")
+            }
+        }
     }
 
     /// Deletes the scenario's namespaces and stops the operator.
