@@ -140,6 +140,10 @@ scenarios! {
             ("declared", format!("http://{addr}/data.raw"), json!({"format": "Qcow2"}), "UnsupportedFormat"),
             ("metadata", "http://169.254.169.254/latest/meta-data".to_string(), json!({}), "SourceUnreachable"),
             ("missing", format!("http://{addr}/nope.raw"), json!({}), "SourceUnreachable"),
+            // Only 127.0.0.0/8 is allow-listed for the tests: IPv6 loopback and the IPv4-mapped
+            // form of the metadata address stay refused.
+            ("loopback6", format!("http://[::1]:{}/data.raw", addr.port()), json!({}), "SourceUnreachable"),
+            ("mapped", "http://[::ffff:169.254.169.254]/latest".to_string(), json!({}), "SourceUnreachable"),
         ];
         for (name, url, url_extra, _) in &cases {
             let mut manifest = image(name, &region_name, url, json!({}));
@@ -157,6 +161,10 @@ scenarios! {
         }
         let metadata = images.get("metadata").await.unwrap().status.unwrap().message.unwrap();
         assert!(metadata.contains("link-local") && metadata.contains("--import-allow-cidrs"), "{metadata}");
+        for name in ["loopback6", "mapped"] {
+            let message = images.get(name).await.unwrap().status.unwrap().message.unwrap();
+            assert!(message.contains("refused") && message.contains("--import-allow-cidrs"), "{name}: {message}");
+        }
         if env.server().is_some() {
             let left = stored_files(&env.region_dir(&region_name));
             assert!(left.is_empty(), "no failed import left bytes: {left:?}");
@@ -283,5 +291,72 @@ scenarios! {
             ("ok".to_string(), "Normal".to_string(), "Active".to_string()),
             ("ok".to_string(), "Normal".to_string(), "Importing".to_string()),
         ]);
+    }
+
+    async fn a_full_server_is_active_when_every_disk_is_and_a_failed_disk_leaves_nothing(env: &Env) {
+        let ns = env.namespace("full").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        let raw = files.path().join("data.raw");
+        std::fs::write(&raw, (0..3 * 1024 * 1024).map(|i| (i % 241) as u8).collect::<Vec<u8>>()).unwrap();
+        let system = files.path().join("system.qcow2");
+        qemu_img(&["create", "-f", "qcow2", system.to_str().unwrap(), "128M"]);
+        let data2 = files.path().join("data2.vhdx");
+        qemu_img(&["convert", "-f", "raw", "-O", "vhdx", raw.to_str().unwrap(), data2.to_str().unwrap()]);
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        region(env, &region_name).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let server = |name: &str, disks: Value| {
+            json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name}, "spec": {
+                "region": region_name, "type": "FullServer", "backupID": "backup-1",
+                "os": {"type": "Linux", "distribution": "Ubuntu", "version": "24.04", "architecture": "x86_64"},
+                "source": {"disks": disks}}})
+        };
+        let disks = json!([
+            {"role": "System", "url": format!("http://{addr}/system.qcow2")},
+            {"role": "Data", "url": format!("http://{addr}/data.raw")},
+            {"role": "Data", "url": format!("http://{addr}/data2.vhdx"), "format": "Vhdx"},
+        ]);
+        images.patch("whole", &PatchParams::apply("test"), &Patch::Apply(server("whole", disks))).await.unwrap();
+        let broken = json!([
+            {"role": "System", "url": format!("http://{addr}/system.qcow2")},
+            {"role": "Data", "url": format!("http://{addr}/gone.raw")},
+        ]);
+        images.patch("broken", &PatchParams::apply("test"), &Patch::Apply(server("broken", broken))).await.unwrap();
+
+        let active = env.wait_for(&images, "whole", reason_is("Active")).await.unwrap();
+        let status = active.status.unwrap();
+        let sha = |p: &std::path::Path| -> String { Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect() };
+        let expected = [(&system, "System", "Qcow2"), (&raw, "Data", "Raw"), (&data2, "Data", "Vhdx")];
+        assert_eq!(status.disks.len(), 3, "status lists every disk");
+        let mut total = 0;
+        for (disk, (file, role, format)) in status.disks.iter().zip(expected) {
+            let (_, virtual_size) = qemu_info(file);
+            let size = std::fs::metadata(file).unwrap().len() as i64;
+            total += size;
+            assert_eq!((disk.role.as_str(), disk.format.as_deref()), (role, Some(format)));
+            assert_eq!(disk.virtual_size_bytes, Some(virtual_size as i64), "{role} {format}: as qemu-img info says");
+            assert_eq!(disk.size_bytes, Some(size));
+            assert_eq!(disk.sha256.as_deref(), Some(sha(file).as_str()));
+            let location = disk.location.clone().unwrap();
+            if env.server().is_some() {
+                let stored = std::path::PathBuf::from(location.url.strip_prefix("file://").unwrap());
+                assert_eq!(sha(&stored), sha(file), "the stored bytes of disk {} are the source's", disk.index);
+            }
+        }
+        assert_eq!(status.size_bytes, Some(total), "sizeBytes counts every disk");
+        assert_eq!(status.format.as_deref(), Some("Qcow2"), "the image's own format is its system disk's");
+        assert_eq!(status.location.unwrap().checksum, format!("sha256:{}", sha(&system)));
+
+        let failed = env.wait_for(&images, "broken", reason_is("SourceUnreachable")).await.unwrap();
+        let status = failed.status.unwrap();
+        assert_eq!(status.phase, Some(ImagePhase::Failed));
+        assert!(status.message.as_deref().unwrap_or_default().starts_with("disk 1 (Data): "), "{:?}", status.message);
+        assert!(status.disks.is_empty() && status.location.is_none());
+        if env.server().is_some() {
+            let left: Vec<_> = stored_files(&env.region_dir(&region_name)).into_iter().filter(|p| p.to_string_lossy().contains("/broken/")).collect();
+            assert!(left.is_empty(), "the system disk stored before the failure is gone too: {left:?}");
+        }
     }
 }

@@ -190,4 +190,31 @@ scenarios! {
             assert_eq!(status.hard.unwrap().concurrent_imports, 40, "unset keys come from the policy");
         }
     }
+
+    async fn a_reservation_of_an_image_that_vanished_is_released(env: &Env) {
+        let (ns, region_name, addr, _files) = setup(env, "gc", 8, 2_000).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
+        for name in ["kept", "lost"] {
+            images.create(&PostParams::default(), &data_disk(name, &region_name, addr)).await.unwrap();
+        }
+        settle(&images, 2, 0).await;
+        // The operator is down and someone force-removes an image (finalizer stripped by hand).
+        env.stop_operator().await;
+        let patch = json!({"metadata": {"finalizers": null}});
+        images.patch("lost", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        images.delete("lost", &DeleteParams::default()).await.unwrap();
+        assert_eq!(quotas.get("default").await.unwrap().status.unwrap().reservations.len(), 2);
+        env.start_operator();
+        let cleaned = env
+            .wait_for(&quotas, "default", |q: Option<&ImageQuota>| {
+                q.and_then(|q| q.status.as_ref()).is_some_and(|s| s.reservations.len() == 1)
+            })
+            .await
+            .unwrap();
+        let status = cleaned.status.unwrap();
+        assert_eq!(status.reservations[0].name, "kept");
+        assert_eq!((status.used[0].images, status.used[0].bytes), (1, 2_000), "usage recounts without the lost image");
+    }
 }

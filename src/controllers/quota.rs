@@ -214,8 +214,37 @@ async fn update_namespace(
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
 }
 
+/// Removes reservations whose image is gone (deleted without its finalizer running, e.g. a
+/// finalizer removed by hand), so the ledger stays equal to a recount. An image missing from
+/// the cache is confirmed gone with a GET first: the cache may lag a fresh admission.
+pub async fn collect_garbage(ctx: &Context, namespace: &str) -> Result<usize, Error> {
+    let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(quota) = api.get_opt(QUOTA_NAME).await? else { return Ok(0) };
+    let images: Api<Image> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut stale = Vec::new();
+    for r in quota.status.iter().flat_map(|s| s.reservations.iter()) {
+        let cached = ctx.images.state().iter().any(|i| i.metadata.uid.as_deref() == Some(r.uid.as_str()));
+        if cached {
+            continue;
+        }
+        let live = images.get_opt(&r.name).await?;
+        if live.and_then(|i| i.metadata.uid).as_deref() != Some(r.uid.as_str()) {
+            stale.push(r.uid.clone());
+        }
+    }
+    if !stale.is_empty() {
+        tracing::info!(namespace, reservations = stale.len(), "released reservations of images that are gone");
+        update_namespace(ctx, namespace, |reservations, _| reservations.retain(|r| !stale.contains(&r.uid))).await?;
+    }
+    Ok(stale.len())
+}
+
+/// How often each ledger is checked for reservations of vanished images.
+const GARBAGE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The ImageQuota controller: keeps each ledger's `hard` and `summary` current when its spec
-/// changes (reservations are written by the Image controller through the same ledger code).
+/// changes (reservations are written by the Image controller through the same ledger code),
+/// and releases reservations of images that are gone.
 pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
     use futures::StreamExt;
     use kube::runtime::{Controller, controller::Action, watcher};
@@ -224,10 +253,13 @@ pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
         .run(
             |quota: std::sync::Arc<ImageQuota>, ctx: std::sync::Arc<Context>| async move {
                 match quota.namespace() {
-                    Some(namespace) if quota.name_any() == QUOTA_NAME => refresh(&ctx, &namespace).await?,
-                    _ => {}
+                    Some(namespace) if quota.name_any() == QUOTA_NAME => {
+                        refresh(&ctx, &namespace).await?;
+                        collect_garbage(&ctx, &namespace).await?;
+                        Ok::<_, Error>(Action::requeue(GARBAGE_EVERY))
+                    }
+                    _ => Ok(Action::await_change()),
                 }
-                Ok::<_, Error>(Action::await_change())
             },
             |_quota, err: &Error, _ctx| {
                 tracing::warn!(error = %err, label = err.metric_label(), "quota reconcile failed");

@@ -1,8 +1,8 @@
-//! The Image controller: imports `source.url` images into their region's store and reports
-//! phases and conditions as the API contract says; the finalizer removes the bytes.
+//! The Image controller: imports owned images (`source.url`, a FullServer's `source.disks`)
+//! into their region's store, binds references (`source.image`), and reports phases and
+//! conditions as the API contract says; the finalizer removes the bytes and releases the quota.
 //!
-//! References (`source.image`), copies (`source.copy`), full-server disks and the quota ledger
-//! join with their issues; until then those images are left untouched.
+//! Copies (`source.copy`) join with the ImageCopy issue; until then they are left untouched.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,13 +18,12 @@ use kube::{
     },
 };
 
+mod bytes;
+
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{
-    api::{
-        CLEANUP_FINALIZER, Image, ImageChecksum, ImageLocation, ImagePhase, ImageQuota, ImageStatus, Progress, Region,
-    },
-    import::{self, Request},
-    policy::image::{percent, visibility_allowed, with_phase},
+    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageQuota, ImageStatus, Region},
+    policy::image::{visibility_allowed, with_phase},
 };
 
 /// Field manager of Image status.
@@ -70,6 +69,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
 #[tracing::instrument(skip_all, fields(image = %image.name_any(), namespace = ?image.namespace()))]
 async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error> {
     let Some(namespace) = image.namespace() else { return Ok(Action::await_change()) };
+    let key = format!("{namespace}/{}", image.name_any());
     let api: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, CLEANUP_FINALIZER, image, |event| async {
         match event {
@@ -79,6 +79,7 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+    .inspect(|_| ctx.backoff.reset(&key))
 }
 
 async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageStatus) -> Result<(), Error> {
@@ -117,7 +118,7 @@ async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
 }
 
 async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Action, Error> {
-    let Some(source) = image.spec.source.url.clone() else {
+    let Some(parts) = bytes::parts(&image.spec.source) else {
         return Ok(Action::await_change());
     };
     // The cache may lag our own last status write (a reconcile queued by it sees the phase
@@ -202,108 +203,10 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     let saving = if retrying {
         old.clone()
     } else {
-        with_phase(
-            &old,
-            generation,
-            ImagePhase::Saving,
-            "Importing",
-            &format!("importing {}", redact(&source.url)),
-            &now,
-        )
+        with_phase(&old, generation, ImagePhase::Saving, "Importing", &bytes::saving_message(&parts), &now)
     };
     write(ctx, api, &image, &saving).await?;
-
-    // Progress goes through a channel; a writer task patches it at most every progress_every.
-    let (tx, mut rx) = tokio::sync::watch::channel::<Option<(u64, Option<u64>)>>(None);
-    let progress_writer = {
-        let api = api.clone();
-        let name = image.name_any();
-        let base = saving.clone();
-        let every = ctx.config.progress_every;
-        tokio::spawn(async move {
-            let mut written = base.clone();
-            while rx.changed().await.is_ok() {
-                let Some((done, total)) = *rx.borrow_and_update() else { continue };
-                let mut next = base.clone();
-                next.progress = Some(Progress {
-                    bytes_done: done as i64,
-                    bytes_total: total.map(|t| t as i64),
-                    percent: percent(done, total),
-                });
-                if status::apply_status(&api, &name, MANAGER, Some(&written), &next).await.is_ok() {
-                    written = next;
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    };
-    let object = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default()).join("disk");
-    let mut report = move |done: u64, total: Option<u64>| {
-        let _ = tx.send(Some((done, total)));
-    };
-    let result = import::import(
-        &store,
-        &object,
-        Request {
-            url: &source.url,
-            checksum: source.checksum.as_deref(),
-            declared: source.format,
-            limit: limit_gib.saturating_mul(GIB),
-        },
-        &ctx.config.fetch,
-        import::Progress { every: ctx.config.progress_every, report: &mut report },
-    )
-    .await;
-    drop(report);
-    let _ = progress_writer.await;
-    let now = status::now();
-    match result {
-        Ok(imported) => {
-            let size = imported.size as i64;
-            if let Some(message) = quota::finish_import(ctx, &image, size).await? {
-                let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
-                store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
-                let failed = ImageStatus {
-                    progress: None,
-                    ..with_phase(&saving, generation, ImagePhase::Failed, "QuotaExceeded", &message, &now)
-                };
-                write(ctx, api, &image, &failed).await?;
-                return Ok(Action::await_change());
-            }
-            let mut active =
-                with_phase(&saving, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
-            active.format = Some(imported.detected.format.as_api_str().to_string());
-            active.size_bytes = Some(size);
-            active.virtual_size_bytes = Some(imported.detected.virtual_size as i64);
-            active.checksum = Some(ImageChecksum { sha256: imported.sha256.clone() });
-            active.location = Some(ImageLocation {
-                url: store.object_url(&imported.object),
-                checksum: format!("sha256:{}", imported.sha256),
-                format: imported.detected.format.lowercase().to_string(),
-            });
-            active.progress = Some(Progress { bytes_done: size, bytes_total: Some(size), percent: Some(100) });
-            active.r#type = Some(image.spec.r#type);
-            active.os = image.spec.os.clone();
-            write(ctx, api, &image, &active).await?;
-            tracing::info!(size, format = %imported.detected.format, "image imported");
-            Ok(Action::requeue(Duration::from_secs(3600)))
-        }
-        Err(e) if e.is_transient() => {
-            let queued =
-                with_phase(&saving, generation, ImagePhase::Saving, e.reason(), &format!("{e}; retrying"), &now);
-            write(ctx, api, &image, &queued).await?;
-            Err(Error::Transient(e.to_string()))
-        }
-        Err(e) => {
-            let failed = ImageStatus {
-                progress: None,
-                ..with_phase(&saving, generation, ImagePhase::Failed, e.reason(), &e.to_string(), &now)
-            };
-            write(ctx, api, &image, &failed).await?;
-            quota::finish_import(ctx, &image, 0).await?;
-            Ok(Action::await_change())
-        }
-    }
+    bytes::import_all(ctx, api, &image, &store, &parts, saving, limit_gib).await
 }
 
 /// A URL without its query string (it may hold signatures or tokens).
@@ -333,10 +236,14 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
     Ok(Action::await_change())
 }
 
-fn error_policy(image: Arc<Image>, err: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(image: Arc<Image>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(image = %image.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     match err {
         Error::Protected(_) => Action::requeue(Duration::from_secs(60)),
-        _ => Action::requeue(Duration::from_secs(5)),
+        _ => Action::requeue(ctx.backoff.next(&format!(
+            "{}/{}",
+            image.namespace().unwrap_or_default(),
+            image.name_any()
+        ))),
     }
 }
