@@ -25,9 +25,22 @@ pub const REPROBE: Duration = Duration::from_secs(300);
 /// Runs the Region controller until shutdown.
 pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     let client = ctx.client.clone();
+    let regions = ctx.regions.clone();
+    // A Secret created or rotated after its Region re-probes the Regions that name it (only the
+    // operator's namespace is watched: the Role grants no more).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.config.operator_namespace);
     Controller::new(Api::<Region>::all(client.clone()), watcher::Config::default())
         .watches(Api::<Image>::all(client), watcher::Config::default(), |image| {
             Some(ObjectRef::<Region>::new(&image.spec.region))
+        })
+        .watches(secrets, watcher::Config::default().any_semantic(), move |secret: Secret| {
+            let name = secret.name_any();
+            regions
+                .state()
+                .iter()
+                .filter(|r| r.spec.storage.secret_ref.as_ref().is_some_and(|s| s.name == name))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
