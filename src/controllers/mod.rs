@@ -2,8 +2,10 @@
 //! status; the decisions live in [`crate::policy`].
 
 pub mod image;
+pub mod index;
 pub mod quota;
 pub mod region;
+pub mod share;
 pub mod status;
 
 use std::{
@@ -12,13 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, future::BoxFuture};
+use futures::{StreamExt, channel::mpsc, future::BoxFuture};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
 };
@@ -74,6 +77,14 @@ pub struct Context {
     pub images: Store<Image>,
     /// Every Region, kept current by a watch.
     pub regions: Store<Region>,
+    /// Every ImageShare, kept current by a watch.
+    pub shares: Store<ImageShare>,
+    /// Every Namespace (ImageShare members must exist).
+    pub namespaces: Store<Namespace>,
+    /// References by the image they point at.
+    pub references: Arc<index::Index<Image>>,
+    /// ImageShares by the image they share.
+    pub shares_of: Arc<index::Index<ImageShare>>,
     /// Last probe of each region: (generation, when, outcome).
     probes: Mutex<HashMap<String, ProbeRecord>>,
     /// Opened stores of Ready regions.
@@ -170,17 +181,80 @@ impl Error {
 /// A shutdown trigger every controller can await.
 pub type Shutdown = futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>;
 
-/// A reflector store of `K` over all namespaces, and the task that keeps it current.
-fn reflect<K>(client: &Client) -> (Store<K>, BoxFuture<'static, ()>)
+/// A reflector store of `K` over all namespaces, and the task that keeps it current; `hook`
+/// sees every event after the store has it (to keep indexes and trigger dependents).
+fn reflect<K>(
+    client: &Client,
+    mut hook: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
+) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
+    let store = reader.clone();
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .for_each(|_| futures::future::ready(()));
+        .for_each(move |event| {
+            if let Ok(event) = event {
+                hook(&event, &store);
+            }
+            futures::future::ready(())
+        });
     (reader, Box::pin(stream))
+}
+
+/// Queues of objects to reconcile because something they depend on changed.
+#[derive(Clone)]
+struct Triggers {
+    images: mpsc::UnboundedSender<ObjectRef<Image>>,
+    shares: mpsc::UnboundedSender<ObjectRef<ImageShare>>,
+}
+
+impl Triggers {
+    fn images(&self, refs: Vec<ObjectRef<Image>>) {
+        for r in refs {
+            let _ = self.images.unbounded_send(r);
+        }
+    }
+
+    fn shares(&self, refs: Vec<ObjectRef<ImageShare>>) {
+        for r in refs {
+            let _ = self.shares.unbounded_send(r);
+        }
+    }
+}
+
+/// An image changed: its references and shares re-run (an owned image), or the shares of its
+/// source (a reference: acceptance).
+fn image_changed(image: &Image, references: &index::Index<Image>, shares_of: &index::Index<ImageShare>, t: &Triggers) {
+    if let Some((namespace, name)) = index::reference_target(image) {
+        t.shares(shares_of.get(&namespace, &name));
+    } else if let Some(namespace) = image.namespace() {
+        t.images(references.get(&namespace, &image.name_any()));
+        t.shares(shares_of.get(&namespace, &image.name_any()));
+    }
+}
+
+/// The index maintenance and dependent triggers of one watch event.
+fn on_event<K: Resource<DynamicType = ()> + Clone>(
+    event: &watcher::Event<K>,
+    store: &Store<K>,
+    index: &index::Index<K>,
+    changed: impl Fn(&K),
+) {
+    match event {
+        watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+            index.upsert(obj);
+            changed(obj);
+        }
+        watcher::Event::Delete(obj) => {
+            index.remove(obj);
+            changed(obj);
+        }
+        watcher::Event::InitDone => index.rebuild(store.state().iter().map(|o| o.as_ref())),
+        watcher::Event::Init => {}
+    }
 }
 
 /// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
@@ -190,11 +264,55 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown: Shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let (images, images_task) = reflect::<Image>(&client);
-    let (regions, regions_task) = reflect::<Region>(&client);
-    let caches = tokio::spawn(futures::future::join(images_task, regions_task));
+    let references = Arc::new(index::Index::new(index::reference_target));
+    let shares_of = Arc::new(index::Index::new(index::share_target));
+    let (image_tx, image_rx) = mpsc::unbounded();
+    let (share_tx, share_rx) = mpsc::unbounded();
+    let triggers = Triggers { images: image_tx, shares: share_tx };
+    let (images, images_task) = reflect::<Image>(&client, {
+        let (references, shares_of, t) = (references.clone(), shares_of.clone(), triggers.clone());
+        move |event, store| {
+            on_event(event, store, &references, |i| image_changed(i, &references, &shares_of, &t));
+        }
+    });
+    let (shares, shares_task) = reflect::<ImageShare>(&client, {
+        let (references, shares_of, t) = (references.clone(), shares_of.clone(), triggers.clone());
+        move |event, store| {
+            // A share changed: the references to its image re-run (grant or revocation).
+            on_event(event, store, &shares_of, |s| {
+                if let Some((namespace, name)) = index::share_target(s) {
+                    t.images(references.get(&namespace, &name));
+                }
+            });
+        }
+    });
+    let (namespaces, namespaces_task) = reflect::<Namespace>(&client, {
+        let t = triggers.clone();
+        let shares = shares.clone();
+        move |event, _store| {
+            // A namespace came or went: the shares naming it re-run (TenantNotFound). Rare.
+            let (watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) = event else { return };
+            let name = ns.name_any();
+            t.shares(
+                shares
+                    .state()
+                    .iter()
+                    .filter(|s| s.spec.tenants.contains(&name))
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect(),
+            );
+        }
+    });
+    let (regions, regions_task) = reflect::<Region>(&client, |_, _| {});
+    let caches = tokio::spawn(futures::future::join_all([images_task, shares_task, namespaces_task, regions_task]));
     let ready = async {
-        let _ = futures::future::join(images.wait_until_ready(), regions.wait_until_ready()).await;
+        let _ = futures::future::join4(
+            images.wait_until_ready(),
+            regions.wait_until_ready(),
+            shares.wait_until_ready(),
+            namespaces.wait_until_ready(),
+        )
+        .await;
     };
     tokio::select! {
         _ = ready => {}
@@ -205,6 +323,10 @@ pub async fn run(
         config,
         images,
         regions,
+        shares,
+        namespaces,
+        references,
+        shares_of,
         probes: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
@@ -218,8 +340,8 @@ pub async fn run(
     });
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
         Box::pin(region::run(ctx.clone(), shutdown.clone())),
-        Box::pin(image::run(ctx.clone(), shutdown.clone())),
-        observe::<ImageShare>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        Box::pin(image::run(ctx.clone(), image_rx, shutdown.clone())),
+        Box::pin(share::run(ctx.clone(), share_rx, shutdown.clone())),
         observe::<ImageCopy>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
         Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];

@@ -8,6 +8,7 @@
 pub mod image;
 pub mod quota;
 pub mod region;
+pub mod share;
 
 use std::path::Path;
 

@@ -19,6 +19,7 @@ use kube::{
 };
 
 mod bytes;
+mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{
@@ -34,7 +35,11 @@ const GIB: u64 = 1 << 30;
 const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs the Image controller until shutdown.
-pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+pub async fn run(
+    ctx: Arc<Context>,
+    triggers: futures::channel::mpsc::UnboundedReceiver<ObjectRef<Image>>,
+    shutdown: Shutdown,
+) {
     let client = ctx.client.clone();
     let images = ctx.images.clone();
     Controller::new(Api::<Image>::all(client.clone()), watcher::Config::default())
@@ -60,6 +65,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
                     .collect::<Vec<_>>()
             }
         })
+        .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -100,7 +106,7 @@ async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
         return;
     }
     let Some((phase, reason)) = now else { return };
-    let warning = matches!(phase, Some(ImagePhase::Failed)) || reason == "QuotaExceeded";
+    let warning = matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == "QuotaExceeded";
     let event = kube::runtime::events::Event {
         type_: if warning {
             kube::runtime::events::EventType::Warning
@@ -118,6 +124,9 @@ async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
 }
 
 async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Action, Error> {
+    if let Some(target) = image.spec.source.image.clone() {
+        return reference::apply(image, &target, ctx, api).await;
+    }
     let Some(parts) = bytes::parts(&image.spec.source) else {
         return Ok(Action::await_change());
     };

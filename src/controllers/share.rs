@@ -1,0 +1,165 @@
+//! The ImageShare controller: decides, for every member of a share, whether the tenant may use
+//! the image (the rules live in [`crate::policy::share`]) and reports it. A member is
+//! `Accepted` while a reference to the image exists in its namespace; a tenant removed from the
+//! list stays `Revoked` while its reference still exists. The grants themselves are read by the
+//! Image controller when it binds references.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
+use kube::{
+    Api, ResourceExt,
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+};
+
+use super::{Context, Error, Shutdown, status};
+use crate::{
+    api::{Image, ImageShare, ImageShareStatus, MemberState, ShareMember},
+    controllers::status::Want,
+    policy::share::{Evaluation, Verdict, evaluate},
+};
+
+/// Field manager of ImageShare status.
+pub const MANAGER: &str = "ims-operator/imageshare";
+
+/// Runs the ImageShare controller until shutdown; `triggers` re-run shares whose image, or a
+/// reference to it, or a member namespace changed.
+pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageShare>>, shutdown: Shutdown) {
+    Controller::new(Api::<ImageShare>::all(ctx.client.clone()), watcher::Config::default())
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Every ImageShare of `namespace` naming `image` and not being deleted, from the cache.
+pub fn shares_of(ctx: &Context, namespace: &str, image: &str) -> Vec<Arc<ImageShare>> {
+    ctx.shares_of
+        .get(namespace, image)
+        .iter()
+        .filter_map(|r| ctx.shares.get(r))
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The verdicts over every ImageShare of `namespace/image`.
+pub fn evaluation(ctx: &Context, namespace: &str, image: &str) -> Evaluation {
+    let shares = shares_of(ctx, namespace, image);
+    let shares: Vec<&ImageShare> = shares.iter().map(|s| s.as_ref()).collect();
+    let source = ctx.images.get(&ObjectRef::<Image>::new(image).within(namespace));
+    evaluate(
+        namespace,
+        image,
+        source.as_deref(),
+        &shares,
+        |tenant| ctx.namespaces.get(&ObjectRef::new(tenant)).is_some(),
+        &ctx.config.policy,
+    )
+}
+
+/// Whether `tenant` holds a reference to `namespace/image` (acceptance).
+fn has_reference(ctx: &Context, namespace: &str, image: &str, tenant: &str) -> bool {
+    ctx.references.get(namespace, image).iter().any(|r| r.namespace.as_deref() == Some(tenant))
+}
+
+#[tracing::instrument(skip_all, fields(share = %share.name_any(), namespace = ?share.namespace()))]
+async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(namespace) = share.namespace() else { return Ok(Action::await_change()) };
+    if share.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let image = &share.spec.image;
+    let eval = evaluation(&ctx, &namespace, image);
+    let old = share.status.clone().unwrap_or_default();
+    let now = status::now();
+    let since = |tenant: &str, state: MemberState, reason: &Option<String>| {
+        old.members
+            .iter()
+            .find(|m| m.tenant == tenant && m.state == state && &m.reason == reason)
+            .and_then(|m| m.since.clone())
+            .or_else(|| Some(now.clone()))
+    };
+    let mut members: Vec<ShareMember> = Vec::new();
+    for (tenant, verdict) in eval.members(&share.name_any()) {
+        let (state, reason) = match verdict {
+            Verdict::Invalid(reason) => (MemberState::Invalid, Some(reason.to_string())),
+            Verdict::Granted if eval.refusal.is_none() && has_reference(&ctx, &namespace, image, tenant) => {
+                (MemberState::Accepted, None)
+            }
+            Verdict::Granted => (MemberState::Pending, None),
+        };
+        let since = since(tenant, state, &reason);
+        members.push(ShareMember { tenant: tenant.clone(), state, reason, since });
+    }
+    // A tenant taken off the list while it used the image: Revoked while its reference exists.
+    for gone in old.members.iter().filter(|m| !share.spec.tenants.contains(&m.tenant)) {
+        if matches!(gone.state, MemberState::Accepted | MemberState::Revoked)
+            && has_reference(&ctx, &namespace, image, &gone.tenant)
+        {
+            let reason = Some("ShareRevoked".to_string());
+            let since = since(&gone.tenant, MemberState::Revoked, &reason);
+            members.push(ShareMember { tenant: gone.tenant.clone(), state: MemberState::Revoked, reason, since });
+        }
+    }
+    let granted = members.iter().filter(|m| matches!(m.state, MemberState::Pending | MemberState::Accepted)).count();
+    let accepted = members.iter().filter(|m| m.state == MemberState::Accepted).count();
+    let ready = ready(&eval, &members, granted, accepted);
+    let desired = ImageShareStatus {
+        conditions: status::conditions(&old.conditions, &[ready], share.metadata.generation, &now),
+        members,
+        member_count: Some(granted as i32),
+        accepted_count: Some(accepted as i32),
+        observed_generation: share.metadata.generation,
+    };
+    let api: Api<ImageShare> = Api::namespaced(ctx.client.clone(), &namespace);
+    status::apply_status(&api, &share.name_any(), MANAGER, share.status.as_ref(), &desired).await?;
+    ctx.backoff.reset(&backoff_key(&share));
+    Ok(Action::await_change())
+}
+
+/// `Ready`: False with the share's refusal, else with the first invalid member's reason
+/// (naming every invalid member and how to fix it), else True.
+fn ready(eval: &Evaluation, members: &[ShareMember], granted: usize, accepted: usize) -> Want {
+    if let Some((reason, message)) = &eval.refusal {
+        return Want::new("Ready", false, *reason, format!("{message}; nothing is granted"));
+    }
+    let invalid: Vec<&ShareMember> = members.iter().filter(|m| m.state == MemberState::Invalid).collect();
+    let Some(first) = invalid.first() else {
+        return Want::new(
+            "Ready",
+            true,
+            "Shared",
+            format!("shared with {granted} tenant(s), {accepted} accepted (a reference Image in their namespace)"),
+        );
+    };
+    let reason = first.reason.clone().unwrap_or_default();
+    let mut parts = Vec::new();
+    for reason in ["SelfShare", "TenantNotFound", "MemberLimitExceeded"] {
+        let names: Vec<&str> =
+            invalid.iter().filter(|m| m.reason.as_deref() == Some(reason)).map(|m| m.tenant.as_str()).collect();
+        if names.is_empty() {
+            continue;
+        }
+        let list = names.join(", ");
+        parts.push(match reason {
+            "SelfShare" => format!("{list}: the owner's own namespace; remove it from spec.tenants"),
+            "TenantNotFound" => format!("{list}: no such namespace; create it or correct spec.tenants"),
+            _ => format!(
+                "{list}: over the limit of {} tenants per image ({} left); remove tenants from this or another ImageShare of the image",
+                eval.limit,
+                eval.limit.saturating_sub(eval.granted.len())
+            ),
+        });
+    }
+    Want::new("Ready", false, reason, format!("members not granted: {}", parts.join("; ")))
+}
+
+fn error_policy(share: Arc<ImageShare>, err: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(share = %share.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
+    Action::requeue(ctx.backoff.next(&backoff_key(&share)).min(Duration::from_secs(60)))
+}
+
+fn backoff_key(share: &ImageShare) -> String {
+    format!("share/{}/{}", share.namespace().unwrap_or_default(), share.name_any())
+}

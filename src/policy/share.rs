@@ -1,0 +1,263 @@
+//! The sharing rules that need no API: whether an image may be shared at all, which members of
+//! which ImageShare are granted under the member limit, and whether a tenant may use an image.
+
+use std::collections::HashSet;
+
+use kube::ResourceExt;
+
+use super::Policy;
+use crate::api::{Image, ImagePhase, ImageShare, ImageType, Visibility};
+
+/// Why an image cannot be shared at all: (reason, message). Checked in this order.
+pub fn refusal(name: &str, image: Option<&Image>) -> Option<(&'static str, String)> {
+    let Some(image) = image else {
+        return Some((
+            "ImageNotFound",
+            format!("Image {name} does not exist in this namespace: create it, or correct spec.image"),
+        ));
+    };
+    if image.spec.source.image.is_some() {
+        return Some((
+            "NotOwner",
+            format!(
+                "Image {name} is a reference to another tenant's image: only its owner may share it (references are never re-shared)"
+            ),
+        ));
+    }
+    match image.spec.visibility {
+        Visibility::Public => {
+            return Some((
+                "PublicImage",
+                format!("Image {name} is Public: every tenant may already use it, no ImageShare is needed"),
+            ));
+        }
+        Visibility::Marketplace => {
+            return Some((
+                "MarketplaceImage",
+                format!("Image {name} is published to the Marketplace: it cannot be shared; use a Private image"),
+            ));
+        }
+        Visibility::Private => {}
+    }
+    if image.spec.encryption.is_some() {
+        return Some((
+            "EncryptedImage",
+            format!(
+                "Image {name} is encrypted: encrypted images cannot be shared; copy it without encryption (ImageCopy in the same region) and share the copy"
+            ),
+        ));
+    }
+    if image.spec.r#type == ImageType::FullServer && image.spec.backup_id.is_none() {
+        return Some((
+            "FullServerNotFromBackup",
+            format!(
+                "Image {name} is a FullServer image not made from a backup: only FullServer images with a backupID can be shared"
+            ),
+        ));
+    }
+    if image.status.as_ref().and_then(|s| s.phase) != Some(ImagePhase::Active) {
+        return Some(("ImageNotActive", format!("Image {name} is not Active yet: the share takes effect when it is")));
+    }
+    None
+}
+
+/// What a member of an ImageShare is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The tenant may use the image (if the share is not refused as a whole).
+    Granted,
+    /// Not granted; the reason is an API member reason.
+    Invalid(&'static str),
+}
+
+/// The verdicts over all ImageShares of one image.
+#[derive(Clone, Debug, Default)]
+pub struct Evaluation {
+    /// Why the image cannot be shared at all.
+    pub refusal: Option<(&'static str, String)>,
+    /// Per share (by name), its tenants in spec order with their verdicts.
+    pub shares: Vec<(String, Vec<(String, Verdict)>)>,
+    /// Distinct tenants granted across the shares.
+    pub granted: HashSet<String>,
+    /// The member limit of the image.
+    pub limit: usize,
+}
+
+impl Evaluation {
+    /// Whether `tenant` may use the image through some ImageShare.
+    pub fn grants(&self, tenant: &str) -> bool {
+        self.refusal.is_none() && self.granted.contains(tenant)
+    }
+
+    /// Whether an ImageShare lists `tenant` as a granted member, whatever the image's phase
+    /// (a reference tells "not shared" from "shared, source not Active yet").
+    pub fn lists(&self, tenant: &str) -> bool {
+        self.granted.contains(tenant) && self.refusal.as_ref().is_none_or(|(reason, _)| *reason == "ImageNotActive")
+    }
+
+    /// The verdicts of one share.
+    pub fn members(&self, share: &str) -> &[(String, Verdict)] {
+        self.shares.iter().find(|(name, _)| name == share).map(|(_, m)| m.as_slice()).unwrap_or(&[])
+    }
+}
+
+/// The member limit of an image (FullServer images have their own).
+pub fn member_limit(image: Option<&Image>, policy: &Policy) -> usize {
+    let limit = match image.map(|i| i.spec.r#type) {
+        Some(ImageType::FullServer) => policy.full_server_share_members_per_image,
+        _ => policy.share_members_per_image,
+    };
+    usize::try_from(limit).unwrap_or(usize::MAX)
+}
+
+/// Evaluates every ImageShare of one image (`shares`: those of the owner's namespace naming
+/// it, not being deleted). Shares are taken oldest first (creationTimestamp, then name), so
+/// when the distinct tenants exceed the limit the members of the newest share are refused.
+pub fn evaluate(
+    owner_namespace: &str,
+    image_name: &str,
+    image: Option<&Image>,
+    shares: &[&ImageShare],
+    tenant_exists: impl Fn(&str) -> bool,
+    policy: &Policy,
+) -> Evaluation {
+    let mut ordered: Vec<&&ImageShare> = shares.iter().collect();
+    ordered.sort_by_key(|s| (s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
+    let limit = member_limit(image, policy);
+    let mut granted = HashSet::new();
+    let mut out = Vec::with_capacity(ordered.len());
+    for share in ordered {
+        let members = share
+            .spec
+            .tenants
+            .iter()
+            .map(|tenant| {
+                let verdict = if tenant == owner_namespace {
+                    Verdict::Invalid("SelfShare")
+                } else if !tenant_exists(tenant) {
+                    Verdict::Invalid("TenantNotFound")
+                } else if granted.contains(tenant) || granted.len() < limit {
+                    granted.insert(tenant.clone());
+                    Verdict::Granted
+                } else {
+                    Verdict::Invalid("MemberLimitExceeded")
+                };
+                (tenant.clone(), verdict)
+            })
+            .collect();
+        out.push((share.name_any(), members));
+    }
+    Evaluation { refusal: refusal(image_name, image), shares: out, granted, limit }
+}
+
+/// Whether `tenant` may use `source` without an ImageShare: Public images of the platform
+/// namespace and Marketplace images, never a reference (references are not re-shared). The
+/// owner's own namespace may always use its images.
+pub fn open_to(source: &Image, tenant: &str, public_namespace: &str) -> bool {
+    if source.spec.source.image.is_some() {
+        return false;
+    }
+    let namespace = source.namespace().unwrap_or_default();
+    namespace == tenant
+        || source.spec.visibility == Visibility::Marketplace
+        || (source.spec.visibility == Visibility::Public && namespace == public_namespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ImageShareSpec, ImageSpec, ImageStatus};
+
+    fn image(extra: serde_json::Value, active: bool) -> Image {
+        let mut spec =
+            serde_json::json!({"region": "r1", "type": "DataDisk", "source": {"url": {"url": "https://x/y"}}});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let spec: ImageSpec = serde_json::from_value(spec).unwrap();
+        let mut i = Image::new("img", spec);
+        i.metadata.namespace = Some("owner".into());
+        i.status = active.then(|| ImageStatus { phase: Some(ImagePhase::Active), ..Default::default() });
+        i
+    }
+
+    fn share(name: &str, created: i64, tenants: &[&str]) -> ImageShare {
+        let mut s = ImageShare::new(
+            name,
+            ImageShareSpec { image: "img".into(), tenants: tenants.iter().map(|t| t.to_string()).collect() },
+        );
+        s.metadata.namespace = Some("owner".into());
+        s.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::from_second(created).unwrap()));
+        s
+    }
+
+    #[test]
+    fn refusals_in_order() {
+        let cases = [
+            (None, "ImageNotFound"),
+            (Some(image(serde_json::json!({"source": {"image": {"namespace": "a", "name": "b"}}}), true)), "NotOwner"),
+            (Some(image(serde_json::json!({"visibility": "Public"}), true)), "PublicImage"),
+            (Some(image(serde_json::json!({"visibility": "Marketplace"}), true)), "MarketplaceImage"),
+            (Some(image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true)), "EncryptedImage"),
+            (Some(image(serde_json::json!({"type": "FullServer"}), true)), "FullServerNotFromBackup"),
+            (Some(image(serde_json::json!({}), false)), "ImageNotActive"),
+        ];
+        for (img, reason) in cases {
+            assert_eq!(refusal("img", img.as_ref()).map(|r| r.0), Some(reason));
+        }
+        assert_eq!(
+            refusal("img", Some(&image(serde_json::json!({"type": "FullServer", "backupID": "b"}), true))),
+            None
+        );
+    }
+
+    #[test]
+    fn the_newest_share_is_refused_over_the_limit() {
+        let img = image(serde_json::json!({}), true);
+        let policy = Policy { share_members_per_image: 3, ..Policy::default() };
+        let older = share("older", 100, &["a", "b"]);
+        let newer = share("newer", 200, &["b", "c", "d", "owner", "ghost"]);
+        // Given newest first: the order comes from creationTimestamp, not the slice.
+        let e = evaluate("owner", "img", Some(&img), &[&newer, &older], |t| t != "ghost", &policy);
+        assert_eq!(e.members("older"), [("a".into(), Verdict::Granted), ("b".into(), Verdict::Granted)]);
+        assert_eq!(
+            e.members("newer"),
+            [
+                ("b".into(), Verdict::Granted),
+                ("c".into(), Verdict::Granted),
+                ("d".into(), Verdict::Invalid("MemberLimitExceeded")),
+                ("owner".into(), Verdict::Invalid("SelfShare")),
+                ("ghost".into(), Verdict::Invalid("TenantNotFound")),
+            ]
+        );
+        assert!(e.grants("c") && !e.grants("d") && !e.grants("owner"));
+        let full = image(serde_json::json!({"type": "FullServer", "backupID": "b"}), true);
+        assert_eq!(member_limit(Some(&full), &Policy::default()), 10);
+    }
+
+    #[test]
+    fn a_refused_share_grants_nothing() {
+        let img = image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true);
+        let s = share("s", 1, &["a"]);
+        let e = evaluate("owner", "img", Some(&img), &[&s], |_| true, &Policy::default());
+        assert_eq!(e.members("s"), [("a".into(), Verdict::Granted)]);
+        assert!(!e.grants("a"));
+    }
+
+    #[test]
+    fn open_images() {
+        let mut public = image(serde_json::json!({"visibility": "Public"}), true);
+        assert!(!open_to(&public, "t", "ims-public"), "Public outside the platform namespace is not open");
+        public.metadata.namespace = Some("ims-public".into());
+        assert!(open_to(&public, "t", "ims-public"));
+        assert!(open_to(&image(serde_json::json!({"visibility": "Marketplace"}), true), "t", "ims-public"));
+        assert!(!open_to(&image(serde_json::json!({}), true), "t", "ims-public"));
+        assert!(open_to(&image(serde_json::json!({}), true), "owner", "ims-public"));
+        let reference = image(
+            serde_json::json!({"visibility": "Marketplace", "source": {"image": {"namespace": "a", "name": "b"}}}),
+            true,
+        );
+        assert!(!open_to(&reference, "t", "ims-public"), "a reference is never re-shared");
+    }
+}
