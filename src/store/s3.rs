@@ -55,18 +55,27 @@ pub(super) fn open(
     Ok(RegionStore::from_object_store(store, url.trim_end_matches('/')))
 }
 
-/// object_store's HTTP connector on hyper.
+/// Longest wait for a TCP (and TLS) connection to the store.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest wait for a response's headers (a part upload sends its body first).
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// object_store's HTTP connector on hyper, with connect and response timeouts (object_store's
+/// own timeouts apply only to its reqwest connector).
 #[derive(Debug)]
 struct HyperConnector;
 
 impl HttpConnector for HyperConnector {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         Ok(HttpClient::new(HyperService { client }))
     }
@@ -83,10 +92,16 @@ struct HyperService {
 #[async_trait::async_trait]
 impl HttpService for HyperService {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let response = self.client.request(req).await.map_err(|e| {
-            let kind = if e.is_connect() { HttpErrorKind::Connect } else { HttpErrorKind::Request };
-            HttpError::new(kind, e)
-        })?;
+        let response = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| {
+                let message = format!("the store sent no response within {RESPONSE_TIMEOUT:?}");
+                HttpError::new(HttpErrorKind::Timeout, std::io::Error::new(std::io::ErrorKind::TimedOut, message))
+            })?
+            .map_err(|e| {
+                let kind = if e.is_connect() { HttpErrorKind::Connect } else { HttpErrorKind::Request };
+                HttpError::new(kind, e)
+            })?;
         let (parts, body) = response.into_parts();
         let body = body.map_err(|e| HttpError::new(HttpErrorKind::Decode, e));
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
