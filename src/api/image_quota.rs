@@ -85,6 +85,10 @@ pub struct Reservation {
     /// True while the image's bytes are being imported (counts against concurrentImports).
     #[serde(default)]
     pub importing: bool,
+    /// True while the image's bytes are being copied from another region (counts against
+    /// concurrentCrossRegionCopies as well).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_region: bool,
 }
 
 /// Live usage, kept by the operator with compare-and-swap writes.

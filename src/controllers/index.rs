@@ -91,6 +91,16 @@ pub fn share_target(share: &crate::api::ImageShare) -> Option<Key> {
     Some((share.namespace()?, share.spec.image.clone()))
 }
 
+/// The key of a copying Image: the image of its namespace it copies.
+pub fn copy_target(image: &crate::api::Image) -> Option<Key> {
+    Some((image.namespace()?, image.spec.source.copy.as_ref()?.name.clone()))
+}
+
+/// The key of an ImageCopy: its source image.
+pub fn image_copy_target(copy: &crate::api::ImageCopy) -> Option<Key> {
+    Some((copy.namespace()?, copy.spec.source.clone()))
+}
+
 /// The key of a reference Image: its source.
 pub fn reference_target(image: &crate::api::Image) -> Option<Key> {
     image.spec.source.image.as_ref().map(|r| (r.namespace.clone(), r.name.clone()))

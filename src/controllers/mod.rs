@@ -1,6 +1,7 @@
 //! The controllers, one module a kind. Each reconcile reads as fetch -> decide -> act -> write
 //! status; the decisions live in [`crate::policy`].
 
+pub mod copy;
 pub mod image;
 pub mod index;
 pub mod quota;
@@ -19,8 +20,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
-        Controller, WatchStreamExt,
-        controller::Action,
+        WatchStreamExt,
         reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
@@ -85,6 +85,8 @@ pub struct Context {
     pub references: Arc<index::Index<Image>>,
     /// ImageShares by the image they share.
     pub shares_of: Arc<index::Index<ImageShare>>,
+    /// Every ImageCopy, kept current by a watch.
+    pub copies: Store<ImageCopy>,
     /// Last probe of each region: (generation, when, outcome).
     probes: Mutex<HashMap<String, ProbeRecord>>,
     /// Opened stores of Ready regions.
@@ -209,6 +211,7 @@ where
 struct Triggers {
     images: mpsc::UnboundedSender<ObjectRef<Image>>,
     shares: mpsc::UnboundedSender<ObjectRef<ImageShare>>,
+    copies: mpsc::UnboundedSender<ObjectRef<ImageCopy>>,
 }
 
 impl Triggers {
@@ -223,16 +226,38 @@ impl Triggers {
             let _ = self.shares.unbounded_send(r);
         }
     }
+
+    fn copies(&self, refs: Vec<ObjectRef<ImageCopy>>) {
+        for r in refs {
+            let _ = self.copies.unbounded_send(r);
+        }
+    }
 }
 
-/// An image changed: its references and shares re-run (an owned image), or the shares of its
-/// source (a reference: acceptance).
-fn image_changed(image: &Image, references: &index::Index<Image>, shares_of: &index::Index<ImageShare>, t: &Triggers) {
-    if let Some((namespace, name)) = index::reference_target(image) {
-        t.shares(shares_of.get(&namespace, &name));
-    } else if let Some(namespace) = image.namespace() {
-        t.images(references.get(&namespace, &image.name_any()));
-        t.shares(shares_of.get(&namespace, &image.name_any()));
+/// The indexes over Images and ImageCopies that dependents are found by.
+struct Indexes {
+    references: Arc<index::Index<Image>>,
+    copy_images: index::Index<Image>,
+    shares_of: Arc<index::Index<ImageShare>>,
+    copies_of: index::Index<ImageCopy>,
+}
+
+/// An image changed: its references, shares, copying images and ImageCopies re-run (an owned
+/// image), or the shares of its source (a reference: acceptance); a copy's destination re-runs
+/// its ImageCopy.
+fn image_changed(image: &Image, ix: &Indexes, t: &Triggers) {
+    let Some(namespace) = image.namespace() else { return };
+    let name = image.name_any();
+    if let Some((source_ns, source)) = index::reference_target(image) {
+        t.shares(ix.shares_of.get(&source_ns, &source));
+    } else {
+        t.images(ix.references.get(&namespace, &name));
+        t.shares(ix.shares_of.get(&namespace, &name));
+    }
+    t.images(ix.copy_images.get(&namespace, &name));
+    t.copies(ix.copies_of.get(&namespace, &name));
+    if let Some(copy) = image.labels().get(copy::COPY_NAME_LABEL) {
+        t.copies(vec![ObjectRef::new(copy).within(&namespace)]);
     }
 }
 
@@ -266,13 +291,44 @@ pub async fn run(
     let shutdown: Shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let references = Arc::new(index::Index::new(index::reference_target));
     let shares_of = Arc::new(index::Index::new(index::share_target));
+    let ix = Arc::new(Indexes {
+        references: references.clone(),
+        copy_images: index::Index::new(index::copy_target),
+        shares_of: shares_of.clone(),
+        copies_of: index::Index::new(index::image_copy_target),
+    });
     let (image_tx, image_rx) = mpsc::unbounded();
     let (share_tx, share_rx) = mpsc::unbounded();
-    let triggers = Triggers { images: image_tx, shares: share_tx };
+    let (copy_tx, copy_rx) = mpsc::unbounded();
+    let triggers = Triggers { images: image_tx, shares: share_tx, copies: copy_tx };
     let (images, images_task) = reflect::<Image>(&client, {
-        let (references, shares_of, t) = (references.clone(), shares_of.clone(), triggers.clone());
+        let (ix, t) = (ix.clone(), triggers.clone());
         move |event, store| {
-            on_event(event, store, &references, |i| image_changed(i, &references, &shares_of, &t));
+            on_event(event, store, &ix.copy_images, |_| {});
+            on_event(event, store, &ix.references, |i| image_changed(i, &ix, &t));
+        }
+    });
+    let (copies, copies_task) = reflect::<ImageCopy>(&client, {
+        let (ix, t) = (ix.clone(), triggers.clone());
+        move |event, store| {
+            // A copy ended or went away: the copies of its namespace waiting for a cross-region
+            // slot re-run (first come, first served).
+            on_event(event, store, &ix.copies_of, |c| {
+                if copy::finished(c)
+                    || c.metadata.deletion_timestamp.is_some()
+                    || matches!(event, watcher::Event::Delete(_))
+                {
+                    let namespace = c.namespace();
+                    t.copies(
+                        store
+                            .state()
+                            .iter()
+                            .filter(|o| o.namespace() == namespace && !copy::finished(o))
+                            .map(|o| ObjectRef::from_obj(o.as_ref()))
+                            .collect(),
+                    );
+                }
+            });
         }
     });
     let (shares, shares_task) = reflect::<ImageShare>(&client, {
@@ -303,14 +359,31 @@ pub async fn run(
             );
         }
     });
-    let (regions, regions_task) = reflect::<Region>(&client, |_, _| {});
-    let caches = tokio::spawn(futures::future::join_all([images_task, shares_task, namespaces_task, regions_task]));
+    let (regions, regions_task) = reflect::<Region>(&client, {
+        let (t, copies) = (triggers.clone(), copies.clone());
+        move |event, _store| {
+            // A region came, went or changed readiness: the copies waiting for it re-run.
+            let (watcher::Event::Apply(region) | watcher::Event::Delete(region)) = event else { return };
+            let name = region.name_any();
+            t.copies(
+                copies
+                    .state()
+                    .iter()
+                    .filter(|c| c.spec.destination.region == name && !copy::finished(c))
+                    .map(|c| ObjectRef::from_obj(c.as_ref()))
+                    .collect(),
+            );
+        }
+    });
+    let caches =
+        tokio::spawn(futures::future::join_all([images_task, shares_task, namespaces_task, regions_task, copies_task]));
     let ready = async {
-        let _ = futures::future::join4(
+        let _ = futures::future::join5(
             images.wait_until_ready(),
             regions.wait_until_ready(),
             shares.wait_until_ready(),
             namespaces.wait_until_ready(),
+            copies.wait_until_ready(),
         )
         .await;
     };
@@ -327,6 +400,7 @@ pub async fn run(
         namespaces,
         references,
         shares_of,
+        copies,
         probes: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
@@ -342,34 +416,11 @@ pub async fn run(
         Box::pin(region::run(ctx.clone(), shutdown.clone())),
         Box::pin(image::run(ctx.clone(), image_rx, shutdown.clone())),
         Box::pin(share::run(ctx.clone(), share_rx, shutdown.clone())),
-        observe::<ImageCopy>(Api::all(client.clone()), ctx.clone(), shutdown.clone()),
+        Box::pin(copy::run(ctx.clone(), copy_rx, shutdown.clone())),
         Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];
     futures::future::join_all(controllers).await;
     caches.abort();
-}
-
-/// A controller that only observes (logs) its objects: the placeholder until a kind's issue lands.
-fn observe<K>(api: Api<K>, ctx: Arc<Context>, shutdown: Shutdown) -> BoxFuture<'static, ()>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    Box::pin(
-        Controller::new(api, watcher::Config::default().any_semantic())
-            .graceful_shutdown_on(shutdown)
-            .run(
-                |obj: Arc<K>, _ctx: Arc<Context>| async move {
-                    tracing::debug!(kind = %K::kind(&()), name = %obj.name_any(), namespace = ?obj.namespace(), "observed");
-                    Ok::<_, Error>(Action::await_change())
-                },
-                |_obj, err: &Error, _ctx| {
-                    tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed");
-                    Action::requeue(Duration::from_secs(5))
-                },
-                ctx,
-            )
-            .for_each(|_| futures::future::ready(())),
-    )
 }
 
 #[cfg(test)]

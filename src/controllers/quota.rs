@@ -102,6 +102,7 @@ pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
             region: region.clone(),
             bytes: 0,
             importing: false,
+            cross_region: false,
         });
         recount(&mut status, hard);
         quota.status = Some(status);
@@ -112,9 +113,21 @@ pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
 }
 
-/// Takes an import slot (`concurrentImports` per namespace) for an admitted image: true when
-/// the image holds one (also when it already did: a restarted import keeps its slot).
-pub async fn start_import(ctx: &Context, image: &Image) -> Result<bool, Error> {
+/// Whether an admitted image may move bytes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// It holds an import slot (and a cross-region copy slot if it copies across regions).
+    Held,
+    /// All `concurrentImports` slots are taken.
+    NoImportSlot,
+    /// All `concurrentCrossRegionCopies` slots are taken.
+    NoCrossRegionSlot,
+}
+
+/// Takes an import slot (`concurrentImports` per namespace) for an admitted image, and for a
+/// copy from another region also a cross-region slot (`concurrentCrossRegionCopies`): `Held`
+/// when the image holds them (also when it already did: a restarted import keeps its slot).
+pub async fn start_import(ctx: &Context, image: &Image, cross_region: bool) -> Result<Slot, Error> {
     let namespace = image.namespace().unwrap_or_default();
     let api: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
     for _ in 0..ATTEMPTS {
@@ -122,20 +135,25 @@ pub async fn start_import(ctx: &Context, image: &Image) -> Result<bool, Error> {
         let mut status = quota.status.clone().unwrap_or_default();
         let hard = limits(&quota.spec, &ctx.config.policy);
         let in_flight = status.reservations.iter().filter(|r| r.importing).count() as i64;
+        let copies = status.reservations.iter().filter(|r| r.importing && r.cross_region).count() as i64;
         let Some(mine) = status.reservations.iter_mut().find(|r| Some(&r.uid) == image.metadata.uid.as_ref()) else {
-            return Ok(false);
+            return Ok(Slot::NoImportSlot);
         };
         if mine.importing {
-            return Ok(true);
+            return Ok(Slot::Held);
+        }
+        if cross_region && copies >= hard.concurrent_cross_region_copies {
+            return Ok(Slot::NoCrossRegionSlot);
         }
         if in_flight >= hard.concurrent_imports {
-            return Ok(false);
+            return Ok(Slot::NoImportSlot);
         }
         mine.importing = true;
+        mine.cross_region = cross_region;
         recount(&mut status, hard);
         quota.status = Some(status);
         if write(&api, &quota).await? {
-            return Ok(true);
+            return Ok(Slot::Held);
         }
     }
     Err(Error::Transient("the quota ledger is busy; retrying".into()))
@@ -157,6 +175,7 @@ pub async fn finish_import(ctx: &Context, image: &Image, bytes: i64) -> Result<O
         if let Some(r) = reservations.iter_mut().find(|r| Some(&r.uid) == uid.as_ref()) {
             r.bytes = if limit.is_some() { 0 } else { bytes };
             r.importing = false;
+            r.cross_region = false;
         }
         if let Ok(mut slot) = exceeded.lock() {
             *slot = limit.map(|limit| {

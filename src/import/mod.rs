@@ -2,6 +2,10 @@
 //! fly, size-limited while streaming, verified against the declared checksum, and the format
 //! detected from the stored bytes. On any failure nothing stays in the store.
 
+mod copy;
+
+pub use copy::{CopyRequest, copy};
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

@@ -70,6 +70,7 @@ mod tests {
     #[test]
     fn recount_derives_usage_from_reservations() {
         let r = |uid: &str, region: &str, bytes| Reservation {
+            cross_region: false,
             uid: uid.into(),
             name: uid.into(),
             region: region.into(),

@@ -1,6 +1,7 @@
 //! Moving an owned image's bytes into its region store: one object for `source.url`, one per
-//! disk for a FullServer's `source.disks`, imported one after the other. The image is Active
-//! only when every disk is stored and verified; any failure removes everything stored so far.
+//! disk for a FullServer's `source.disks`, or the objects of the image a `source.copy` names,
+//! moved one after the other. The image is Active only when every disk is stored and verified;
+//! any failure removes everything stored so far. Deleting the image cancels a move in flight.
 
 use std::time::Duration;
 
@@ -18,17 +19,36 @@ use crate::{
     store::RegionStore,
 };
 
-/// One object to import.
-#[derive(Clone, Debug, PartialEq)]
+/// One object to move.
+#[derive(Clone, Debug)]
 pub struct Part {
-    /// The disk's role (`None` for a single-disk `source.url`).
+    /// The disk's role (`None` for a single-disk image).
     pub role: Option<DiskRole>,
-    /// Source URL.
-    pub url: String,
-    /// Declared checksum.
-    pub checksum: Option<String>,
-    /// Declared format.
-    pub format: DeclaredFormat,
+    /// Where the bytes come from.
+    pub from: From,
+}
+
+/// Where a part's bytes come from.
+#[derive(Clone, Debug)]
+pub enum From {
+    /// An import.
+    Url {
+        /// Source URL.
+        url: String,
+        /// Declared checksum.
+        checksum: Option<String>,
+        /// Declared format.
+        format: DeclaredFormat,
+    },
+    /// A copy of a stored object.
+    Object {
+        /// The store holding it.
+        store: RegionStore,
+        /// The object.
+        object: object_store::path::Path,
+        /// The sha256 it must hash to.
+        sha256: String,
+    },
 }
 
 impl Part {
@@ -42,27 +62,22 @@ impl Part {
 
 /// What an image's bytes come from: `None` for references and copies (no URL import).
 pub fn parts(source: &ImageSource) -> Option<Vec<Part>> {
-    if let Some(url) = &source.url {
-        return Some(vec![Part {
-            role: None,
-            url: url.url.clone(),
-            checksum: url.checksum.clone(),
-            format: url.format,
-        }]);
+    let url = |url: &str, checksum: &Option<String>, format| From::Url {
+        url: url.to_string(),
+        checksum: checksum.clone(),
+        format,
+    };
+    if let Some(u) = &source.url {
+        return Some(vec![Part { role: None, from: url(&u.url, &u.checksum, u.format) }]);
     }
     let disks = source.disks.as_ref()?;
-    Some(
-        disks
-            .iter()
-            .map(|d| Part { role: Some(d.role), url: d.url.clone(), checksum: d.checksum.clone(), format: d.format })
-            .collect(),
-    )
+    Some(disks.iter().map(|d| Part { role: Some(d.role), from: url(&d.url, &d.checksum, d.format) }).collect())
 }
 
-/// What the image shows while its bytes move.
+/// What the image shows while its bytes are imported.
 pub fn saving_message(parts: &[Part]) -> String {
     match parts {
-        [one] => format!("importing {}", redact(&one.url)),
+        [Part { from: From::Url { url, .. }, .. }] => format!("importing {}", redact(url)),
         many => format!("importing {} disks", many.len()),
     }
 }
@@ -94,10 +109,34 @@ fn disk_status(index: usize, part: &Part, store: &RegionStore, imported: &Import
     }
 }
 
+/// Resolves when the image is being deleted (seen in the cache): a move in flight stops.
+async fn deleted(ctx: &Context, image: &Image) {
+    let at = kube::runtime::reflector::ObjectRef::from_obj(image);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match ctx.images.get(&at) {
+            Some(now) if now.metadata.uid == image.metadata.uid && now.metadata.deletion_timestamp.is_none() => {}
+            _ => return,
+        }
+    }
+}
+
 /// A progress snapshot: bytes done over all disks, the total when known, the disks stored.
 type Snapshot = (u64, Option<u64>, Vec<DiskStatus>);
 
-/// Imports every part of `image` (which holds an import slot and shows `saving`) and writes
+/// What to move, and the status shown meanwhile.
+pub struct Job<'a> {
+    /// The parts, in order.
+    pub parts: &'a [Part],
+    /// The status while moving (phase Saving).
+    pub saving: ImageStatus,
+    /// Largest object accepted, GiB (imports).
+    pub limit_gib: u64,
+    /// Bytes to move, when known up front (copies).
+    pub known_total: Option<u64>,
+}
+
+/// Moves every part of `image` (which holds an import slot and shows `saving`) and writes
 /// the outcome: Active with the stored disks, Failed with the reason, or — for a failure a
 /// retry may cure — an error for the controller's backoff.
 pub async fn import_all(
@@ -105,10 +144,9 @@ pub async fn import_all(
     api: &Api<Image>,
     image: &Image,
     store: &RegionStore,
-    parts: &[Part],
-    saving: ImageStatus,
-    limit_gib: u64,
+    job: Job<'_>,
 ) -> Result<Action, Error> {
+    let Job { parts, saving, limit_gib, known_total } = job;
     let namespace = image.namespace().unwrap_or_default();
     let generation = image.metadata.generation;
     let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
@@ -146,28 +184,42 @@ pub async fn import_all(
     let mut disks: Vec<DiskStatus> = Vec::new();
     let mut before: u64 = 0;
     let mut failure = None;
+    let mut cancelled = false;
     for (index, part) in parts.iter().enumerate() {
         let object = prefix.clone().join(part.object_name(index).as_str());
         let shown = disks.clone();
         let sender = tx.clone();
         let mut report = move |done: u64, total: Option<u64>| {
-            // Several disks: the total of the later ones is unknown, so no total (and no percent).
-            let total = if single { total } else { None };
+            // Several disks: the total of the later ones is unknown (imports), so no total and
+            // no percent, unless the sizes are known up front (copies).
+            let total = known_total.or(if single { total } else { None });
             let _ = sender.send(Some((before + done, total, shown.clone())));
         };
-        let result = import::import(
-            store,
-            &object,
-            Request {
-                url: &part.url,
-                checksum: part.checksum.as_deref(),
-                declared: part.format,
-                limit: limit_gib.saturating_mul(GIB),
-            },
-            &ctx.config.fetch,
-            import::Progress { every: ctx.config.progress_every, report: &mut report },
-        )
-        .await;
+        let progress = import::Progress { every: ctx.config.progress_every, report: &mut report };
+        let moved = async {
+            match &part.from {
+                From::Url { url, checksum, format } => {
+                    let request = Request {
+                        url,
+                        checksum: checksum.as_deref(),
+                        declared: *format,
+                        limit: limit_gib.saturating_mul(GIB),
+                    };
+                    import::import(store, &object, request, &ctx.config.fetch, progress).await
+                }
+                From::Object { store: from, object: from_object, sha256 } => {
+                    let request = import::CopyRequest { from, from_object, to: store, to_object: &object, sha256 };
+                    import::copy(request, progress).await
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = moved => result,
+            () = deleted(ctx, image) => {
+                cancelled = true;
+                break;
+            }
+        };
         match result {
             Ok(imported) => {
                 before += imported.size;
@@ -186,6 +238,11 @@ pub async fn import_all(
     drop(tx);
     let _ = progress_writer.await;
     let now = status::now();
+    if cancelled {
+        // The finalizer's cleanup (the next reconcile) removes whatever landed.
+        tracing::info!("image deleted while its bytes moved: cancelled");
+        return Ok(Action::await_change());
+    }
 
     if let Some((index, part, e)) = failure {
         // Nothing stays behind: the disks already stored go with the failed one.

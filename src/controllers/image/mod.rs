@@ -19,6 +19,7 @@ use kube::{
 };
 
 mod bytes;
+mod copy;
 mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
@@ -127,8 +128,10 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     if let Some(target) = image.spec.source.image.clone() {
         return reference::apply(image, &target, ctx, api).await;
     }
-    let Some(parts) = bytes::parts(&image.spec.source) else {
-        return Ok(Action::await_change());
+    let work = match (&image.spec.source.copy, bytes::parts(&image.spec.source)) {
+        (Some(copy), _) => Work::Copy(copy.name.clone()),
+        (None, Some(parts)) => Work::Import(parts),
+        (None, None) => return Ok(Action::await_change()),
     };
     // The cache may lag our own last status write (a reconcile queued by it sees the phase
     // before it); never start byte work from a stale view: decide on a fresh read.
@@ -188,15 +191,60 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             .await?;
         return Ok(Action::requeue(WAITING_RECHECK));
     };
+    // What moves: the parts of an import, or those of the image a copy names (copy rules first).
+    let (parts, cross_region, reason, message, lineage, total) = match work {
+        Work::Import(parts) => {
+            let message = bytes::saving_message(&parts);
+            (parts, false, "Importing", message, None, None)
+        }
+        Work::Copy(source) => match copy::plan(ctx, &image, &source) {
+            Err((phase, reason, message)) => {
+                write(ctx, api, &image, &with_phase(&old, generation, phase, reason, &message, &now)).await?;
+                return Ok(match phase {
+                    ImagePhase::Failed => Action::await_change(),
+                    _ => Action::requeue(WAITING_RECHECK),
+                });
+            }
+            Ok(plan) => {
+                let Some(from) = ctx.store(&plan.from_region) else {
+                    let message =
+                        format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
+                    write(
+                        ctx,
+                        api,
+                        &image,
+                        &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now),
+                    )
+                    .await?;
+                    return Ok(Action::requeue(WAITING_RECHECK));
+                };
+                let message = plan.message(&source);
+                (
+                    plan.parts(&from),
+                    plan.cross_region,
+                    "Copying",
+                    message,
+                    Some(plan.lineage.clone()),
+                    Some(plan.total()),
+                )
+            }
+        },
+    };
     if let quota::Admission::OverQuota(message) = quota::admit(ctx, &image).await? {
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now))
             .await?;
         return Ok(Action::requeue(WAITING_RECHECK));
     }
-    if !quota::start_import(ctx, &image).await? {
-        let message = format!(
+    let waiting = match quota::start_import(ctx, &image, cross_region).await? {
+        quota::Slot::Held => None,
+        quota::Slot::NoImportSlot => Some(format!(
             "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
-        );
+        )),
+        quota::Slot::NoCrossRegionSlot => Some(format!(
+            "waiting for a cross-region copy slot: namespace {namespace} has as many cross-region copies in flight as concurrentCrossRegionCopies allows; it starts when one finishes"
+        )),
+    };
+    if let Some(message) = waiting {
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
         return Ok(Action::requeue(WAITING_RECHECK));
     }
@@ -207,15 +255,24 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     // A retry after a transient failure keeps showing that failure until the outcome changes,
     // so a retry loop writes nothing.
     let retrying = old.phase == Some(ImagePhase::Saving)
-        && old.conditions.iter().any(|c| c.type_ == "Ready" && c.reason != "Importing")
+        && old.conditions.iter().any(|c| c.type_ == "Ready" && c.reason != reason)
         && old.observed_generation == generation;
     let saving = if retrying {
         old.clone()
     } else {
-        with_phase(&old, generation, ImagePhase::Saving, "Importing", &bytes::saving_message(&parts), &now)
+        ImageStatus { lineage, ..with_phase(&old, generation, ImagePhase::Saving, reason, &message, &now) }
     };
     write(ctx, api, &image, &saving).await?;
-    bytes::import_all(ctx, api, &image, &store, &parts, saving, limit_gib).await
+    let job = bytes::Job { parts: &parts, saving, limit_gib, known_total: total };
+    bytes::import_all(ctx, api, &image, &store, job).await
+}
+
+/// What an owned image's bytes come from.
+enum Work {
+    /// Imported from URLs.
+    Import(Vec<bytes::Part>),
+    /// Copied from the image of this name.
+    Copy(String),
 }
 
 /// A URL without its query string (it may hold signatures or tokens).

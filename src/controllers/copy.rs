@@ -1,0 +1,394 @@
+//! The ImageCopy controller: checks a copy request, creates the destination Image
+//! (`source.copy`, same namespace, labelled with the copy's uid so a restart finds its own
+//! destination again) and mirrors the destination's progress. One writer per status: the Image
+//! controller moves the bytes; this controller only reads them. Deleting an ImageCopy that has
+//! not succeeded cancels it: its destination Image, and with it the partial bytes, go.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, ObjectMeta, PostParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        finalizer::{Event, finalizer},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+
+use super::{Context, Error, Shutdown, status, status::Want};
+use crate::{
+    api::{
+        CLEANUP_FINALIZER, CopyPhase, CopySource, Image, ImageCopy, ImageCopyStatus, ImagePhase, ImageQuota,
+        ImageSource, ImageSpec, ImageType, Progress, QUOTA_NAME, Visibility,
+    },
+    policy::quota::limits,
+};
+
+/// Field manager of ImageCopy status (and creator of destination Images).
+pub const MANAGER: &str = "ims-operator/imagecopy";
+/// Label on a destination Image: the uid of the ImageCopy that made it.
+pub const COPY_UID_LABEL: &str = "ims.io/copy-uid";
+/// Label on a destination Image: the name of the ImageCopy that made it.
+pub const COPY_NAME_LABEL: &str = "ims.io/copy";
+const GIB: i64 = 1 << 30;
+/// A waiting copy re-checks this often (every change it waits for also re-runs it).
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Runs the ImageCopy controller until shutdown; `triggers` re-run copies whose source or
+/// destination Image changed, or that wait for a cross-region slot another copy freed.
+pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageCopy>>, shutdown: Shutdown) {
+    Controller::new(Api::<ImageCopy>::all(ctx.client.clone()), watcher::Config::default())
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+async fn reconcile(copy: Arc<ImageCopy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(namespace) = copy.namespace() else { return Ok(Action::await_change()) };
+    let api: Api<ImageCopy> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, CLEANUP_FINALIZER, copy, |event| async {
+        match event {
+            Event::Apply(copy) => apply(copy, &ctx, &api).await,
+            Event::Cleanup(copy) => cancel(copy, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Whether a copy is over (Succeeded or Failed).
+pub fn finished(copy: &ImageCopy) -> bool {
+    matches!(copy.status.as_ref().and_then(|s| s.phase), Some(CopyPhase::Succeeded | CopyPhase::Failed))
+}
+
+fn is_mine(image: &Image, copy: &ImageCopy) -> bool {
+    image.labels().get(COPY_UID_LABEL) == copy.metadata.uid.as_ref()
+}
+
+/// The status for a phase: Ready True only when Succeeded, Reconciling while Pending/Copying,
+/// Stalled when Failed.
+fn with_phase(copy: &ImageCopy, phase: CopyPhase, reason: &str, message: &str) -> ImageCopyStatus {
+    let old = copy.status.clone().unwrap_or_default();
+    let now = status::now();
+    let mut wants = vec![Want::new("Ready", phase == CopyPhase::Succeeded, reason, message)];
+    match phase {
+        CopyPhase::Pending | CopyPhase::Copying => wants.push(Want::new("Reconciling", true, reason, message)),
+        CopyPhase::Failed => wants.push(Want::new("Stalled", true, reason, message)),
+        CopyPhase::Succeeded => {}
+    }
+    let started_at = match phase {
+        CopyPhase::Pending => old.started_at.clone(),
+        _ => old.started_at.clone().or_else(|| Some(now.clone())),
+    };
+    let completed_at = match phase {
+        CopyPhase::Succeeded | CopyPhase::Failed => old.completed_at.clone().or_else(|| Some(now.clone())),
+        _ => None,
+    };
+    ImageCopyStatus {
+        phase: Some(phase),
+        conditions: status::conditions(&old.conditions, &wants, copy.metadata.generation, &now),
+        observed_generation: copy.metadata.generation,
+        started_at,
+        completed_at,
+        ..old
+    }
+}
+
+async fn write(ctx: &Context, copy: &ImageCopy, desired: &ImageCopyStatus) -> Result<(), Error> {
+    let api: Api<ImageCopy> = Api::namespaced(ctx.client.clone(), &copy.namespace().unwrap_or_default());
+    announce(ctx, copy, desired).await;
+    status::apply_status(&api, &copy.name_any(), MANAGER, copy.status.as_ref(), desired).await?;
+    Ok(())
+}
+
+/// An Event when the phase or reason changes.
+async fn announce(ctx: &Context, copy: &ImageCopy, desired: &ImageCopyStatus) {
+    let key = |s: Option<&ImageCopyStatus>| {
+        s.map(|s| (s.phase, s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone())))
+    };
+    if key(Some(desired)) == key(copy.status.as_ref()) {
+        return;
+    }
+    let Some(ready) = desired.conditions.iter().find(|c| c.type_ == "Ready") else { return };
+    let event = kube::runtime::events::Event {
+        type_: if desired.phase == Some(CopyPhase::Failed) {
+            kube::runtime::events::EventType::Warning
+        } else {
+            kube::runtime::events::EventType::Normal
+        },
+        reason: ready.reason.clone(),
+        note: Some(ready.message.chars().take(1000).collect()),
+        action: "Copy".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &copy.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Why a copy waits or fails before its destination exists: (phase, reason, message).
+fn check(ctx: &Context, copy: &ImageCopy, namespace: &str) -> Result<Arc<Image>, (CopyPhase, &'static str, String)> {
+    let source = &copy.spec.source;
+    let dest = &copy.spec.destination;
+    let Some(src) = ctx.images.get(&ObjectRef::<Image>::new(source).within(namespace)) else {
+        return Err((
+            CopyPhase::Pending,
+            "SourceNotFound",
+            format!("Image {source} does not exist in namespace {namespace}: create it, or correct spec.source"),
+        ));
+    };
+    let status = src.status.clone().unwrap_or_default();
+    if status.phase != Some(ImagePhase::Active) {
+        return Err((
+            CopyPhase::Pending,
+            "SourceNotActive",
+            format!("Image {source} is not Active: the copy starts when it is"),
+        ));
+    }
+    let Some(region) = ctx.regions.get(&ObjectRef::new(&dest.region)) else {
+        return Err((
+            CopyPhase::Pending,
+            "RegionNotFound",
+            format!("Region {} does not exist: create it, or correct spec.destination.region", dest.region),
+        ));
+    };
+    let ready =
+        region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if !ready {
+        return Err((
+            CopyPhase::Pending,
+            "RegionNotReady",
+            format!("Region {} is not Ready: the copy starts when it is", dest.region),
+        ));
+    }
+    let cross_region = dest.region != src.spec.region;
+    let owner = match &src.spec.source.image {
+        Some(t) => ctx.images.get(&ObjectRef::<Image>::new(&t.name).within(&t.namespace)),
+        None => Some(src.clone()),
+    };
+    if cross_region && owner.as_ref().is_some_and(|o| o.spec.encryption.is_some()) {
+        return Err((
+            CopyPhase::Failed,
+            "EncryptedImage",
+            format!(
+                "Image {source} is encrypted: encrypted images cannot be copied to another region; copy it without encryption in region {} first (an ImageCopy in the same region without destination.encryption)",
+                src.spec.region
+            ),
+        ));
+    }
+    let max_gib = i64::try_from(ctx.config.policy.max_cross_region_copy_gib).unwrap_or(i64::MAX);
+    let size = status.size_bytes.unwrap_or(0);
+    if cross_region && size > max_gib.saturating_mul(GIB) {
+        return Err((
+            CopyPhase::Failed,
+            "TooLarge",
+            format!("Image {source} has {size} bytes: a cross-region copy moves at most {max_gib} GiB"),
+        ));
+    }
+    if !cross_region && status.r#type.unwrap_or(src.spec.r#type) == ImageType::FullServer {
+        return Err((
+            CopyPhase::Failed,
+            "FullServerNotCopyable",
+            format!(
+                "Image {source} is a FullServer image: it cannot be copied within region {}; copy it to another region",
+                src.spec.region
+            ),
+        ));
+    }
+    Ok(src)
+}
+
+/// Older unfinished cross-region copies of the namespace that are ahead in line.
+fn copies_ahead(ctx: &Context, copy: &ImageCopy, namespace: &str) -> usize {
+    let key = |c: &ImageCopy| (c.metadata.creation_timestamp.as_ref().map(|t| t.0), c.name_any());
+    let me = key(copy);
+    ctx.copies
+        .state()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace) && c.metadata.uid != copy.metadata.uid)
+        .filter(|c| c.metadata.deletion_timestamp.is_none() && !finished(c) && key(c) < me)
+        .filter(|c| {
+            let src = ctx.images.get(&ObjectRef::<Image>::new(&c.spec.source).within(namespace));
+            src.is_some_and(|s| s.spec.region != c.spec.destination.region)
+        })
+        .filter(|c| {
+            let status = c.status.clone().unwrap_or_default();
+            let reason = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
+            match status.phase {
+                None | Some(CopyPhase::Copying) => true,
+                Some(CopyPhase::Pending) => reason.as_deref() == Some("ConcurrencyLimit"),
+                _ => false,
+            }
+        })
+        .count()
+}
+
+async fn apply(copy: Arc<ImageCopy>, ctx: &Context, _api: &Api<ImageCopy>) -> Result<Action, Error> {
+    let namespace = copy.namespace().unwrap_or_default();
+    if finished(&copy) {
+        // History, like a finished Job: the destination is the user's now.
+        return Ok(Action::await_change());
+    }
+    let dest_name = &copy.spec.destination.name;
+    let images: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
+    let dest = ctx.images.get(&ObjectRef::<Image>::new(dest_name).within(&namespace));
+    let created = copy.status.as_ref().and_then(|s| s.destination_image.as_ref()).is_some();
+    match dest {
+        Some(dest) if !is_mine(&dest, &copy) => {
+            let message = format!(
+                "Image {dest_name} already exists and was not made by this copy: choose another spec.destination.name (an ImageCopy is immutable: delete it and create a new one)"
+            );
+            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, "DestinationExists", &message)).await?;
+            Ok(Action::await_change())
+        }
+        Some(dest) => mirror(ctx, &copy, &dest).await,
+        None if created => {
+            let message = format!("the destination Image {dest_name} was deleted before the copy finished");
+            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, "DestinationDeleted", &message)).await?;
+            Ok(Action::await_change())
+        }
+        None => {
+            let src = match check(ctx, &copy, &namespace) {
+                Ok(src) => src,
+                Err((phase, reason, message)) => {
+                    write(ctx, &copy, &with_phase(&copy, phase, reason, &message)).await?;
+                    return Ok(match phase {
+                        CopyPhase::Failed => Action::await_change(),
+                        _ => Action::requeue(RECHECK),
+                    });
+                }
+            };
+            if src.spec.region != copy.spec.destination.region {
+                let quotas: Api<ImageQuota> = Api::namespaced(ctx.client.clone(), &namespace);
+                let spec = quotas.get_opt(QUOTA_NAME).await?.map(|q| q.spec).unwrap_or_default();
+                let limit = limits(&spec, &ctx.config.policy).concurrent_cross_region_copies.max(0) as usize;
+                let ahead = copies_ahead(ctx, &copy, &namespace);
+                if ahead >= limit {
+                    let message = format!(
+                        "{ahead} older cross-region copies of namespace {namespace} are in flight or waiting (concurrentCrossRegionCopies {limit}); this one starts when one finishes (first come, first served)"
+                    );
+                    write(ctx, &copy, &with_phase(&copy, CopyPhase::Pending, "ConcurrencyLimit", &message)).await?;
+                    return Ok(Action::requeue(RECHECK));
+                }
+            }
+            let destination = destination(&copy, &src);
+            match images
+                .create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &destination)
+                .await
+            {
+                Ok(_) => {}
+                // Someone took the name meanwhile: the next run tells whose it is.
+                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Action::requeue(Duration::from_secs(1))),
+                Err(e) => return Err(e.into()),
+            }
+            let mut copying = with_phase(
+                &copy,
+                CopyPhase::Copying,
+                "Copying",
+                &format!("copying {} to {dest_name}", copy.spec.source),
+            );
+            copying.destination_image = Some(dest_name.clone());
+            write(ctx, &copy, &copying).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// The destination Image of a copy: the source's description of the image, Private, in the
+/// destination region, with the destination's encryption.
+fn destination(copy: &ImageCopy, src: &Image) -> Image {
+    let status = src.status.clone().unwrap_or_default();
+    let dest = &copy.spec.destination;
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert(COPY_UID_LABEL.to_string(), copy.uid().unwrap_or_default());
+    labels.insert(COPY_NAME_LABEL.to_string(), copy.name_any());
+    Image {
+        metadata: ObjectMeta { name: Some(dest.name.clone()), labels: Some(labels), ..Default::default() },
+        spec: ImageSpec {
+            region: dest.region.clone(),
+            r#type: status.r#type.unwrap_or(src.spec.r#type),
+            visibility: Visibility::Private,
+            os: status.os.clone().or_else(|| src.spec.os.clone()),
+            min_disk_gib: src.spec.min_disk_gib,
+            min_memory_mib: src.spec.min_memory_mib,
+            description: dest.description.clone().or_else(|| src.spec.description.clone()),
+            server_models: src.spec.server_models.clone(),
+            tags: src.spec.tags.clone(),
+            encryption: dest.encryption.clone(),
+            backup_id: src.spec.backup_id.clone(),
+            protected: false,
+            source: ImageSource { copy: Some(CopySource { name: copy.spec.source.clone() }), ..Default::default() },
+        },
+        status: None,
+    }
+}
+
+/// Mirrors the destination Image into the copy's status.
+async fn mirror(ctx: &Context, copy: &ImageCopy, dest: &Image) -> Result<Action, Error> {
+    let status = dest.status.clone().unwrap_or_default();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let reason = ready.map(|c| c.reason.clone()).unwrap_or_else(|| "Copying".into());
+    let message = ready.map(|c| c.message.clone()).unwrap_or_else(|| "the destination Image is being created".into());
+    let (phase, reason) = match status.phase {
+        Some(ImagePhase::Active) => (CopyPhase::Succeeded, "Succeeded".to_string()),
+        Some(ImagePhase::Failed | ImagePhase::Unavailable) => (CopyPhase::Failed, reason),
+        Some(ImagePhase::Queued) if reason != "Queued" => (CopyPhase::Pending, reason),
+        _ => (CopyPhase::Copying, "Copying".to_string()),
+    };
+    let message = match phase {
+        CopyPhase::Succeeded => format!("Image {} is Active: the copy is verified", dest.name_any()),
+        _ => message,
+    };
+    let mut desired = with_phase(copy, phase, &reason, &message);
+    desired.destination_image = Some(dest.name_any());
+    desired.progress = match phase {
+        CopyPhase::Succeeded => {
+            let size = status.size_bytes.unwrap_or(0);
+            Some(Progress { bytes_done: size, bytes_total: Some(size), percent: Some(100) })
+        }
+        _ => status.progress.clone().or(desired.progress),
+    };
+    write(ctx, copy, &desired).await?;
+    Ok(match phase {
+        CopyPhase::Succeeded | CopyPhase::Failed => Action::await_change(),
+        _ => Action::requeue(Duration::from_secs(60)),
+    })
+}
+
+/// Deleting a copy that has not succeeded cancels it: its destination goes (the Image's
+/// finalizer stops the byte move and removes what landed). After success the destination stays.
+async fn cancel(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
+    if copy.status.as_ref().and_then(|s| s.phase) == Some(CopyPhase::Succeeded) {
+        return Ok(Action::await_change());
+    }
+    let namespace = copy.namespace().unwrap_or_default();
+    let images: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(dest) = images.get_opt(&copy.spec.destination.name).await?
+        && is_mine(&dest, &copy)
+        && dest.status.as_ref().and_then(|s| s.phase) != Some(ImagePhase::Active)
+        && dest.metadata.deletion_timestamp.is_none()
+    {
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions { uid: dest.uid(), resource_version: None }),
+            ..Default::default()
+        };
+        match images.delete(&dest.name_any(), &params).await {
+            Ok(_) => tracing::info!(destination = %dest.name_any(), "copy cancelled: destination deleted"),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(copy: Arc<ImageCopy>, err: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(copy = %copy.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
+    let key = format!("copy/{}/{}", copy.namespace().unwrap_or_default(), copy.name_any());
+    Action::requeue(ctx.backoff.next(&key).min(Duration::from_secs(60)))
+}
