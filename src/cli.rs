@@ -87,9 +87,19 @@ pub struct RunArgs {
     /// How often import progress is written to an Image's status, in seconds.
     #[arg(long, env = "IMS_PROGRESS_INTERVAL", default_value_t = 2, value_name = "SECONDS")]
     pub progress_interval: u64,
-    /// Address of the admin endpoint (`/healthz`, `/readyz`).
+    /// Address of the admin endpoint (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "IMS_ADMIN_ADDR", default_value = "0.0.0.0:8080", value_name = "ADDR")]
     pub admin_addr: std::net::SocketAddr,
+    /// Take part in leader election on the Lease `ims-operator` of the operator namespace: only
+    /// the leader reconciles (run several replicas for HA). `--leader-elect=false` runs alone.
+    #[arg(long, env = "IMS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub leader_elect: bool,
+    /// How long the Lease holds without renewal: a standby takes over after this, in seconds.
+    #[arg(long, env = "IMS_LEASE_DURATION", default_value_t = 15, value_name = "SECONDS")]
+    pub lease_duration: u64,
+    /// This replica's identity in leader election (default: the pod name from HOSTNAME).
+    #[arg(long, env = "IMS_LEADER_IDENTITY", value_name = "NAME")]
+    pub leader_identity: Option<String>,
 }
 
 /// Why a command failed: each message says what to do.
@@ -252,10 +262,24 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
             ..Default::default()
         },
         progress_every: Duration::from_secs(args.progress_interval.max(1)),
+        readiness: readiness.clone(),
     };
-    tracing::info!(public_namespace = %config.public_namespace, "starting controllers");
-    readiness.set(true);
-    controllers::run(client, config, shutdown_signal()).await;
+    tracing::info!(public_namespace = %config.public_namespace, leader_elect = args.leader_elect, "starting");
+    if args.leader_elect {
+        let identity = args
+            .leader_identity
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("ims-operator-{}", std::process::id()));
+        let lease = crate::leader::LeaseConfig {
+            name: "ims-operator".into(),
+            namespace: config.operator_namespace.clone(),
+            identity,
+            duration: Duration::from_secs(args.lease_duration.max(2)),
+        };
+        crate::leader::run(client, lease, config, shutdown_signal()).await;
+    } else {
+        controllers::run(client, config, shutdown_signal()).await;
+    }
     readiness.set(false);
     tracing::info!("stopped");
     Ok(())

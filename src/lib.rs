@@ -10,6 +10,7 @@
 //! - [`import`]: moving an image's bytes into a store, verified.
 //! - [`store`]: region byte stores (file://, s3://).
 //! - [`admin`]: health endpoints.
+//! - [`leader`]: leader election on a Lease.
 //! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
 //! - [`local`]: `ims-operator local`, the operator on the embedded API.
 //! - [`cli`]: the command line.
@@ -22,6 +23,7 @@ pub mod embedded;
 pub mod fetch;
 pub mod format;
 pub mod import;
+pub mod leader;
 pub mod local;
 pub mod policy;
 pub mod schema;

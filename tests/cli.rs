@@ -139,6 +139,10 @@ fn help_lists_the_commands_and_env_vars() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     let server = ims_operator::embedded::ApiServer::new();
+    // The Lease of leader election lives in the operator's namespace.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(server.client());
+    let system = serde_json::from_value(serde_json::json!({"metadata": {"name": "ims-system"}})).unwrap();
+    namespaces.create(&Default::default(), &system).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { server.serve(listener).await });
@@ -173,6 +177,7 @@ async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     let stderr = String::from_utf8_lossy(&code.stderr);
     assert_eq!(code.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
+    assert!(stderr.contains("leading: starting controllers"), "it took the Lease: {stderr}");
 }
 
 /// The README's first command: `local` on examples/ imports real bytes and prints the table.

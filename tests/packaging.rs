@@ -701,10 +701,10 @@ fn versions_and_the_image_agree_everywhere() {
         format!("{}:{}", values["image"]["repository"].as_str().unwrap(), version),
         "the Deployment runs the chart's default image"
     );
-    // One operator until leader election lands (issue 7).
-    assert_eq!(deployment["spec"]["replicas"], 1);
-    assert_eq!(values["replicas"], 1);
-    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate", "no overlap of two operators during a rollout");
+    // Two replicas electing a leader; a rollout never has both old pods down at once.
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(values["replicas"], 2);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
 }
 
 #[test]

@@ -49,6 +49,8 @@ pub struct Config {
     pub fetch: FetchPolicy,
     /// How often import progress is written to status.
     pub progress_every: Duration,
+    /// Set when every watch cache has synced and the controllers run (`/readyz`).
+    pub readiness: crate::admin::Readiness,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             stores: StoreConfig::default(),
             fetch: FetchPolicy::default(),
             progress_every: Duration::from_secs(2),
+            readiness: crate::admin::Readiness::default(),
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct Context {
     pub recorder: kube::runtime::events::Recorder,
     /// Retry delays after failures.
     pub backoff: Backoff,
+    /// Resolves when the operator shuts down: byte moves in flight stop.
+    pub stopping: Shutdown,
 }
 
 impl Context {
@@ -289,6 +294,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown: Shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    // Not ready until every watch cache has synced.
+    config.readiness.set(false);
     let references = Arc::new(index::Index::new(index::reference_target));
     let shares_of = Arc::new(index::Index::new(index::share_target));
     let ix = Arc::new(Indexes {
@@ -404,6 +411,7 @@ pub async fn run(
         probes: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
+        stopping: shutdown.clone(),
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {
@@ -419,7 +427,9 @@ pub async fn run(
         Box::pin(copy::run(ctx.clone(), copy_rx, shutdown.clone())),
         Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];
+    ctx.config.readiness.set(true);
     futures::future::join_all(controllers).await;
+    ctx.config.readiness.set(false);
     caches.abort();
 }
 

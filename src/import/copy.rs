@@ -82,3 +82,30 @@ async fn stream(request: &CopyRequest<'_>, progress: Progress<'_>) -> Result<u64
     }
     Ok(done)
 }
+
+/// Removes what interrupted uploads left under `prefix`: a file store's multipart staging files
+/// (`<object>#<n>`, which object_store's listings do not show). S3 keeps abandoned multipart
+/// uploads invisibly until they are aborted: a bucket lifecycle rule
+/// (`AbortIncompleteMultipartUpload`) cleans those (see docs/OPERATIONS.md).
+pub async fn sweep_abandoned(store: &RegionStore, prefix: &Path) -> Result<usize, crate::store::StoreError> {
+    let Some(dir) = store.local_dir() else { return Ok(0) };
+    let root = dir.join(prefix.as_ref());
+    let swept = tokio::task::spawn_blocking(move || {
+        let mut swept = 0;
+        let mut stack = vec![root];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if entry.file_name().to_string_lossy().contains('#') && std::fs::remove_file(&path).is_ok() {
+                    swept += 1;
+                }
+            }
+        }
+        swept
+    })
+    .await
+    .unwrap_or(0);
+    Ok(swept)
+}

@@ -4,7 +4,7 @@
 
 mod copy;
 
-pub use copy::{CopyRequest, copy};
+pub use copy::{CopyRequest, copy, sweep_abandoned};
 
 use std::{
     sync::Arc,

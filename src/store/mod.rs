@@ -155,6 +155,11 @@ impl RegionStore {
         &self.store
     }
 
+    /// For file stores: the directory on this machine that holds the objects.
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
     /// Prefix of an image's objects: `<namespace>/<name>/<uid>`.
     pub fn image_prefix(&self, namespace: &str, name: &str, uid: &str) -> Path {
         self.join(&format!("{namespace}/{name}/{uid}"))

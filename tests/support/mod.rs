@@ -112,9 +112,9 @@ impl Env {
         name
     }
 
-    /// Starts the operator's controllers in-process.
-    pub fn start_operator(&self) {
-        let config = Config {
+    /// The configuration the in-process operator runs with.
+    pub fn operator_config(&self) -> Config {
+        Config {
             policy: self.policy.clone(),
             public_namespace: "ims-public".into(),
             operator_namespace: "ims-system".into(),
@@ -125,7 +125,13 @@ impl Env {
                 ..Default::default()
             },
             progress_every: Duration::from_millis(200),
-        };
+            readiness: Default::default(),
+        }
+    }
+
+    /// Starts the operator's controllers in-process.
+    pub fn start_operator(&self) {
+        let config = self.operator_config();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(controllers::run(self.client.clone(), config, async move {
             let _ = rx.await;

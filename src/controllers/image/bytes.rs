@@ -150,6 +150,12 @@ pub async fn import_all(
     let namespace = image.namespace().unwrap_or_default();
     let generation = image.metadata.generation;
     let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
+    // An earlier attempt (a restart, a leader that died) may have left parts behind: start clean.
+    match import::sweep_abandoned(store, &prefix).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "removed what an interrupted move left"),
+        Err(e) => tracing::warn!(error = %e, "could not sweep an interrupted move"),
+    }
 
     // Progress goes through a channel; a writer task patches it at most every progress_every.
     let (tx, mut rx) = tokio::sync::watch::channel::<Option<Snapshot>>(None);
@@ -185,6 +191,7 @@ pub async fn import_all(
     let mut before: u64 = 0;
     let mut failure = None;
     let mut cancelled = false;
+    let mut stopped = false;
     for (index, part) in parts.iter().enumerate() {
         let object = prefix.clone().join(part.object_name(index).as_str());
         let shown = disks.clone();
@@ -219,6 +226,10 @@ pub async fn import_all(
                 cancelled = true;
                 break;
             }
+            () = ctx.stopping.clone() => {
+                stopped = true;
+                break;
+            }
         };
         match result {
             Ok(imported) => {
@@ -238,6 +249,15 @@ pub async fn import_all(
     drop(tx);
     let _ = progress_writer.await;
     let now = status::now();
+    if stopped {
+        // Shutting down: what landed goes; the status stays Saving, so whoever leads next
+        // starts the move again.
+        if let Err(e) = store.delete_prefix(&prefix).await {
+            tracing::warn!(error = %e, "could not remove a stopped move's bytes");
+        }
+        tracing::info!("operator stopping: byte move stopped");
+        return Ok(Action::await_change());
+    }
     if cancelled {
         // The finalizer's cleanup (the next reconcile) removes whatever landed.
         tracing::info!("image deleted while its bytes moved: cancelled");

@@ -295,7 +295,8 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
     let namespace = image.namespace().unwrap_or_default();
     if let Some(store) = ctx.store(&image.spec.region) {
         let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
-        let removed = store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
+        let removed = store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?
+            + crate::import::sweep_abandoned(&store, &prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
         tracing::info!(objects = removed, "image bytes removed");
     }
     quota::release(ctx, &image).await?;

@@ -1,0 +1,210 @@
+//! Leader election on a coordination.k8s.io Lease, as client-go's leaderelection does it: only
+//! the holder runs the controllers (and so moves bytes); a standby takes the Lease over when the
+//! holder has not renewed it for a lease duration, measured on the standby's own clock from the
+//! moment it saw the last change (no clock-skew assumptions). Every write carries the
+//! resourceVersion it read, so two candidates never both win.
+//!
+//! A leader that cannot renew within two thirds of the duration stops its controllers at once
+//! (before anybody else may take over); on a graceful shutdown it releases the Lease so the
+//! standby takes over without waiting.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+
+use crate::controllers::{self, Config};
+
+/// How a candidate takes part.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    /// Lease name (`ims-operator`).
+    pub name: String,
+    /// Namespace of the Lease (the operator's).
+    pub namespace: String,
+    /// This candidate's identity (the pod name).
+    pub identity: String,
+    /// How long a Lease holds without renewal.
+    pub duration: Duration,
+}
+
+impl LeaseConfig {
+    fn retry(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
+
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+}
+
+fn now() -> MicroTime {
+    MicroTime(jiff::Timestamp::now())
+}
+
+/// What a standby saw of the Lease last, and when (its own clock).
+struct Observed {
+    holder: Option<String>,
+    renew: Option<MicroTime>,
+    at: Instant,
+}
+
+/// Outcome of one attempt to become leader.
+enum Attempt {
+    Won,
+    Held(String),
+}
+
+async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Option<Observed>) -> Result<Attempt, kube::Error> {
+    let spec = |transitions: i32| LeaseSpec {
+        holder_identity: Some(cfg.identity.clone()),
+        lease_duration_seconds: Some(cfg.duration.as_secs().max(1) as i32),
+        acquire_time: Some(now()),
+        renew_time: Some(now()),
+        lease_transitions: Some(transitions),
+        ..Default::default()
+    };
+    let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+        let fresh =
+            Lease { metadata: ObjectMeta { name: Some(cfg.name.clone()), ..Default::default() }, spec: Some(spec(0)) };
+        return match api.create(&PostParams::default(), &fresh).await {
+            Ok(_) => Ok(Attempt::Won),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Held("another candidate".into())),
+            Err(e) => Err(e),
+        };
+    };
+    let current = lease.spec.clone().unwrap_or_default();
+    let holder = current.holder_identity.clone().filter(|h| !h.is_empty());
+    let changed = seen.as_ref().is_none_or(|s| {
+        s.holder != holder || s.renew.as_ref().map(|t| t.0) != current.renew_time.as_ref().map(|t| t.0)
+    });
+    if changed {
+        *seen = Some(Observed { holder: holder.clone(), renew: current.renew_time.clone(), at: Instant::now() });
+    }
+    let duration = current.lease_duration_seconds.map(|s| Duration::from_secs(s.max(1) as u64)).unwrap_or(cfg.duration);
+    let expired = seen.as_ref().is_some_and(|s| s.at.elapsed() >= duration);
+    match &holder {
+        Some(h) if h != &cfg.identity && !expired => return Ok(Attempt::Held(h.clone())),
+        _ => {}
+    }
+    let transitions = current.lease_transitions.unwrap_or(0) + i32::from(holder.as_deref() != Some(&cfg.identity));
+    lease.spec = Some(spec(transitions));
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(Attempt::Won),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Attempt::Held(holder.unwrap_or_default())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Renews while we hold the Lease; returns when it is lost (or cannot be renewed in time).
+async fn hold(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(cfg.retry()).await;
+        let attempt = async {
+            let mut lease = api.get(&cfg.name).await?;
+            let mut spec = lease.spec.clone().unwrap_or_default();
+            if spec.holder_identity.as_deref() != Some(&cfg.identity) {
+                return Ok::<bool, kube::Error>(false);
+            }
+            spec.renew_time = Some(now());
+            lease.spec = Some(spec);
+            api.replace(&cfg.name, &PostParams::default(), &lease).await?;
+            Ok(true)
+        };
+        match tokio::time::timeout(cfg.retry(), attempt).await {
+            Ok(Ok(true)) => renewed = Instant::now(),
+            Ok(Ok(false)) => {
+                tracing::warn!(lease = %cfg.name, "leadership lost: another candidate holds the lease");
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the lease"),
+            Err(_) => tracing::warn!("renewing the lease timed out"),
+        }
+        if renewed.elapsed() >= cfg.renew_deadline() {
+            tracing::warn!(lease = %cfg.name, "leadership lost: the lease was not renewed in time");
+            return;
+        }
+    }
+}
+
+/// Gives the Lease up (graceful shutdown): the standby need not wait for it to expire.
+async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else { return };
+    let mut spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(&cfg.identity) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(now());
+    lease.spec = Some(spec);
+    if let Err(e) = api.replace(&cfg.name, &PostParams::default(), &lease).await {
+        tracing::warn!(error = %e, "could not release the lease");
+    }
+}
+
+/// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
+/// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
+/// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
+pub async fn run(
+    client: Client,
+    lease: LeaseConfig,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let mut seen = None;
+    let mut waiting_on = None;
+    loop {
+        let won = tokio::select! {
+            _ = shutdown.clone() => return,
+            attempt = try_acquire(&api, &lease, &mut seen) => attempt,
+        };
+        match won {
+            Ok(Attempt::Won) => {}
+            Ok(Attempt::Held(holder)) => {
+                // A healthy standby is ready: it has nothing to sync until it leads.
+                config.readiness.set(true);
+                if waiting_on.as_ref() != Some(&holder) {
+                    tracing::info!(%holder, "standing by: another instance leads");
+                    waiting_on = Some(holder);
+                }
+                tokio::select! {
+                    _ = shutdown.clone() => return,
+                    _ = tokio::time::sleep(lease.retry()) => continue,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read or take the lease");
+                tokio::select! {
+                    _ = shutdown.clone() => return,
+                    _ = tokio::time::sleep(lease.retry()) => continue,
+                }
+            }
+        }
+        tracing::info!(identity = %lease.identity, "leading: starting controllers");
+        waiting_on = None;
+        seen = None;
+        let controllers = tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone()));
+        tokio::select! {
+            _ = hold(&api, &lease) => {
+                controllers.abort();
+                let _ = controllers.await;
+                config.readiness.set(false);
+            }
+            _ = shutdown.clone() => {
+                let _ = controllers.await;
+                release(&api, &lease).await;
+                return;
+            }
+        }
+    }
+}
