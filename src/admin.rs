@@ -1,5 +1,5 @@
-//! The admin endpoint: `/healthz` (the process answers) and `/readyz` (connected, CRDs present,
-//! controllers started). Metrics join it with the operations issue.
+//! The admin endpoint: `/healthz` (the process answers), `/readyz` (connected, CRDs present, and
+//! standing by or leading with every watch cache synced) and `/metrics` (Prometheus).
 
 use std::{
     convert::Infallible,
@@ -37,18 +37,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Answers admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, readiness: Readiness) {
+pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Arc<crate::metrics::Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let readiness = readiness.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, readiness.clone()));
+            let service = service_fn(move |req| answer(req, readiness.clone(), metrics.clone()));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-async fn answer(req: Request<Incoming>, readiness: Readiness) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    readiness: Readiness,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return Ok(response);
+    }
     let (status, body) = match req.uri().path() {
         "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
         "/readyz" if readiness.get() => (StatusCode::OK, "ok\n"),

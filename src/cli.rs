@@ -238,7 +238,8 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
     let listener =
         admin::bind(args.admin_addr).await.map_err(|source| CliError::Bind { addr: args.admin_addr, source })?;
     let readiness = Readiness::default();
-    tokio::spawn(admin::serve(listener, readiness.clone()));
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone()));
     let config = kube::Config::infer().await.map_err(|e| CliError::Config(e.to_string()))?;
     let url = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| CliError::Config(e.to_string()))?;
@@ -263,6 +264,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         },
         progress_every: Duration::from_secs(args.progress_interval.max(1)),
         readiness: readiness.clone(),
+        metrics,
     };
     tracing::info!(public_namespace = %config.public_namespace, leader_elect = args.leader_elect, "starting");
     if args.leader_elect {

@@ -9,7 +9,8 @@
 //! - [`format`]: disk image format detection from the bytes.
 //! - [`import`]: moving an image's bytes into a store, verified.
 //! - [`store`]: region byte stores (file://, s3://).
-//! - [`admin`]: health endpoints.
+//! - [`admin`]: health and metrics endpoints.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`leader`]: leader election on a Lease.
 //! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
 //! - [`local`]: `ims-operator local`, the operator on the embedded API.
@@ -25,6 +26,7 @@ pub mod format;
 pub mod import;
 pub mod leader;
 pub mod local;
+pub mod metrics;
 pub mod policy;
 pub mod schema;
 pub mod store;

@@ -400,6 +400,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         },
         progress_every: Duration::from_secs(2),
         readiness: Default::default(),
+        metrics: Default::default(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(client.clone(), config, async move {

@@ -50,6 +50,7 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageC
 }
 
 async fn reconcile(copy: Arc<ImageCopy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("copy");
     let Some(namespace) = copy.namespace() else { return Ok(Action::await_change()) };
     let api: Api<ImageCopy> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, CLEANUP_FINALIZER, copy, |event| async {
@@ -388,6 +389,7 @@ async fn cancel(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
 }
 
 fn error_policy(copy: Arc<ImageCopy>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config.metrics.error("copy", err.metric_label());
     tracing::warn!(copy = %copy.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     let key = format!("copy/{}/{}", copy.namespace().unwrap_or_default(), copy.name_any());
     Action::requeue(ctx.backoff.next(&key).min(Duration::from_secs(60)))

@@ -51,6 +51,8 @@ pub struct Config {
     pub progress_every: Duration,
     /// Set when every watch cache has synced and the controllers run (`/readyz`).
     pub readiness: crate::admin::Readiness,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             fetch: FetchPolicy::default(),
             progress_every: Duration::from_secs(2),
             readiness: crate::admin::Readiness::default(),
+            metrics: Arc::default(),
         }
     }
 }
@@ -287,6 +290,41 @@ fn on_event<K: Resource<DynamicType = ()> + Clone>(
     }
 }
 
+/// Keeps the cache-derived gauges current: Images by phase, and the work queues.
+async fn refresh_gauges(ctx: Arc<Context>) {
+    use crate::{
+        api::{CopyPhase, ImagePhase},
+        metrics::{PhaseLabel, QueueLabel},
+    };
+    let phases = [
+        ImagePhase::Queued,
+        ImagePhase::Saving,
+        ImagePhase::Active,
+        ImagePhase::Failed,
+        ImagePhase::Unavailable,
+        ImagePhase::Deleting,
+    ];
+    loop {
+        let images = ctx.images.state();
+        let metrics = &ctx.config.metrics;
+        for phase in phases {
+            let n = images.iter().filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(phase)).count();
+            metrics.images.get_or_create(&PhaseLabel { phase: format!("{phase:?}") }).set(n as i64);
+        }
+        let queued =
+            images.iter().filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(ImagePhase::Queued)).count();
+        metrics.queue_depth.get_or_create(&QueueLabel { queue: "quota".into() }).set(queued as i64);
+        let pending = ctx
+            .copies
+            .state()
+            .iter()
+            .filter(|c| c.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == CopyPhase::Pending))
+            .count();
+        metrics.queue_depth.get_or_create(&QueueLabel { queue: "copies".into() }).set(pending as i64);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
 pub async fn run(
     client: Client,
@@ -428,7 +466,9 @@ pub async fn run(
         Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];
     ctx.config.readiness.set(true);
+    let gauges = tokio::spawn(refresh_gauges(ctx.clone()));
     futures::future::join_all(controllers).await;
+    gauges.abort();
     ctx.config.readiness.set(false);
     caches.abort();
 }

@@ -46,10 +46,18 @@ pub const MANAGER: &str = "ims-operator/quota";
 
 /// Writes the ledger if nobody changed it since it was read (the resourceVersion in `quota`):
 /// true when written, false when the compare-and-swap lost and the caller must re-read.
-async fn write(api: &Api<ImageQuota>, quota: &ImageQuota) -> Result<bool, Error> {
+async fn write(ctx: &Context, api: &Api<ImageQuota>, quota: &ImageQuota) -> Result<bool, Error> {
     let params = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
     match api.replace_status(QUOTA_NAME, &params, quota).await {
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            let status = quota.status.clone().unwrap_or_default();
+            let hard = status.hard.as_ref().map(|h| h.private_images_per_region).unwrap_or_default();
+            let namespace = quota.namespace().unwrap_or_default();
+            for used in &status.used {
+                ctx.config.metrics.quota(&namespace, &used.region, used.images, hard, used.bytes);
+            }
+            Ok(true)
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
     }
@@ -106,7 +114,7 @@ pub async fn admit(ctx: &Context, image: &Image) -> Result<Admission, Error> {
         });
         recount(&mut status, hard);
         quota.status = Some(status);
-        if write(&api, &quota).await? {
+        if write(ctx, &api, &quota).await? {
             return Ok(Admission::Admitted);
         }
     }
@@ -152,7 +160,7 @@ pub async fn start_import(ctx: &Context, image: &Image, cross_region: bool) -> R
         mine.cross_region = cross_region;
         recount(&mut status, hard);
         quota.status = Some(status);
-        if write(&api, &quota).await? {
+        if write(ctx, &api, &quota).await? {
             return Ok(Slot::Held);
         }
     }
@@ -226,7 +234,7 @@ async fn update_namespace(
             return Ok(());
         }
         quota.status = Some(status);
-        if write(&api, &quota).await? {
+        if write(ctx, &api, &quota).await? {
             return Ok(());
         }
     }
@@ -271,6 +279,7 @@ pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
         .graceful_shutdown_on(shutdown)
         .run(
             |quota: std::sync::Arc<ImageQuota>, ctx: std::sync::Arc<Context>| async move {
+                let _timer = ctx.config.metrics.reconcile("quota");
                 match quota.namespace() {
                     Some(namespace) if quota.name_any() == QUOTA_NAME => {
                         refresh(&ctx, &namespace).await?;
@@ -280,7 +289,8 @@ pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
                     _ => Ok(Action::await_change()),
                 }
             },
-            |_quota, err: &Error, _ctx| {
+            |_quota, err: &Error, ctx: std::sync::Arc<Context>| {
+                ctx.config.metrics.error("quota", err.metric_label());
                 tracing::warn!(error = %err, label = err.metric_label(), "quota reconcile failed");
                 Action::requeue(std::time::Duration::from_secs(5))
             },

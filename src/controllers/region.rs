@@ -50,6 +50,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
 
 #[tracing::instrument(skip_all, fields(region = %region.name_any()))]
 async fn reconcile(region: Arc<Region>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("region");
     let name = region.name_any();
     let generation = region.metadata.generation;
     // Fetch + act: probe at most every REPROBE per generation; image changes only recount.
@@ -125,7 +126,8 @@ pub fn s3_credentials(secret: &Secret) -> Option<S3Credentials> {
     Some(S3Credentials { access_key_id: get("accessKeyID")?, secret_access_key: get("secretAccessKey")? })
 }
 
-fn error_policy(region: Arc<Region>, err: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(region: Arc<Region>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config.metrics.error("region", err.metric_label());
     tracing::warn!(region = %region.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }

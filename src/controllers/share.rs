@@ -65,6 +65,7 @@ fn has_reference(ctx: &Context, namespace: &str, image: &str, tenant: &str) -> b
 
 #[tracing::instrument(skip_all, fields(share = %share.name_any(), namespace = ?share.namespace()))]
 async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("share");
     let Some(namespace) = share.namespace() else { return Ok(Action::await_change()) };
     if share.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -156,6 +157,7 @@ fn ready(eval: &Evaluation, members: &[ShareMember], granted: usize, accepted: u
 }
 
 fn error_policy(share: Arc<ImageShare>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config.metrics.error("share", err.metric_label());
     tracing::warn!(share = %share.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     Action::requeue(ctx.backoff.next(&backoff_key(&share)).min(Duration::from_secs(60)))
 }

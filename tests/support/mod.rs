@@ -126,6 +126,7 @@ impl Env {
             },
             progress_every: Duration::from_millis(200),
             readiness: Default::default(),
+            metrics: Default::default(),
         }
     }
 

@@ -290,6 +290,8 @@ pub async fn import_all(
     }
 
     let size: u64 = stored.iter().map(|(_, i)| i.size).sum();
+    let kind = if parts.iter().any(|p| matches!(p.from, From::Object { .. })) { "copy" } else { "import" };
+    ctx.config.metrics.moved(kind, size);
     if let Some(message) = quota::finish_import(ctx, image, size as i64).await? {
         store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
         let failed = ImageStatus {

@@ -75,6 +75,7 @@ pub async fn run(
 
 #[tracing::instrument(skip_all, fields(image = %image.name_any(), namespace = ?image.namespace()))]
 async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.config.metrics.reconcile("image");
     let Some(namespace) = image.namespace() else { return Ok(Action::await_change()) };
     let key = format!("{namespace}/{}", image.name_any());
     let api: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -304,6 +305,7 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
 }
 
 fn error_policy(image: Arc<Image>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.config.metrics.error("image", err.metric_label());
     tracing::warn!(image = %image.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     match err {
         Error::Protected(_) => Action::requeue(Duration::from_secs(60)),
