@@ -8,20 +8,12 @@ use std::process::Command;
 use ims_operator::api::{CopyPhase, Image, ImageCopy, ImagePhase, ImageQuota, Region};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::DeleteParams,
     runtime::{conditions::is_deleted, wait::Condition},
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::Env;
-
-fn reason_is(reason: &'static str) -> impl Condition<Image> {
-    move |i: Option<&Image>| {
-        i.and_then(|i| i.status.as_ref())
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.reason == reason)
-    }
-}
+use support::{Env, apply, reason_is, region, stored_files};
 
 fn copy_is(phase: CopyPhase, reason: &'static str) -> impl Condition<ImageCopy> {
     move |c: Option<&ImageCopy>| {
@@ -36,18 +28,17 @@ fn copy_phase(c: &ImageCopy) -> (Option<CopyPhase>, String) {
     (s.phase, s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone()).unwrap_or_default())
 }
 
-async fn region(env: &Env, name: &str) {
-    let regions: Api<Region> = Api::all(env.client.clone());
-    let r = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{name}")}}});
-    regions.patch(name, &PatchParams::apply("test"), &Patch::Apply(r)).await.unwrap();
-}
-
-/// Starts the operator and waits until both regions are Ready.
-async fn start(env: &Env, a: &str, b: &str) {
+/// A fresh namespace and regions `<ns>-a` and `<ns>-b`, the operator running, both Ready.
+async fn two_regions(env: &Env, tag: &str) -> (String, String, String) {
+    let ns = env.namespace(tag).await;
+    let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));
+    region(env, &a).await;
+    region(env, &b).await;
     env.start_operator();
-    for name in [a, b] {
+    for name in [&a, &b] {
         ready(env, name).await;
     }
+    (ns, a, b)
 }
 
 async fn ready(env: &Env, name: &str) {
@@ -57,14 +48,6 @@ async fn ready(env: &Env, name: &str) {
             .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     })
     .await;
-}
-
-async fn apply<K>(api: &Api<K>, manifest: Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = manifest["metadata"]["name"].as_str().unwrap().to_string();
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(manifest)).await.unwrap();
 }
 
 fn image(name: &str, region: &str, url: &str, extra: Value) -> Value {
@@ -86,17 +69,6 @@ fn image_copy(name: &str, source: &str, region: &str, dest: &str, extra: Value) 
 
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn stored_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.path().is_dir() { stack.push(e.path()) } else { out.push(e.path()) }
-        }
-    }
-    out
 }
 
 /// A 64 MiB qcow2 made by qemu-img from non-zero data, served from 127.0.0.1.
@@ -122,12 +94,8 @@ async fn qcow2_64m() -> (std::net::SocketAddr, tempfile::TempDir, String) {
 
 scenarios! {
     async fn a_cross_region_copy_lands_verified_and_outlives_its_request(env: &Env) {
-        let ns = env.namespace("copy").await;
-        let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));
+        let (ns, a, b) = two_regions(env, "copy").await;
         let (addr, _dir, digest) = qcow2_64m().await;
-        region(env, &a).await;
-        region(env, &b).await;
-        start(env, &a, &b).await;
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let copies: Api<ImageCopy> = Api::namespaced(env.client.clone(), &ns);
         apply(&images, image("base", &a, &format!("http://{addr}/disk.qcow2"), json!({"description": "golden"}))).await;
@@ -159,12 +127,8 @@ scenarios! {
     }
 
     async fn copy_refusals_say_why_and_hand_written_copies_follow_the_same_rules(env: &Env) {
-        let ns = env.namespace("rules").await;
-        let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));
+        let (ns, a, b) = two_regions(env, "rules").await;
         let (addr, _dir, _) = qcow2_64m().await;
-        region(env, &a).await;
-        region(env, &b).await;
-        start(env, &a, &b).await;
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let copies: Api<ImageCopy> = Api::namespaced(env.client.clone(), &ns);
         let url = format!("http://{addr}/small.raw");
@@ -218,12 +182,8 @@ scenarios! {
     }
 
     async fn six_cross_region_copies_run_five_at_a_time_and_a_cancel_leaves_nothing(env: &Env) {
-        let ns = env.namespace("conc").await;
-        let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));
+        let (ns, a, b) = two_regions(env, "conc").await;
         let (addr, _dir, _) = qcow2_64m().await;
-        region(env, &a).await;
-        region(env, &b).await;
-        start(env, &a, &b).await;
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let copies: Api<ImageCopy> = Api::namespaced(env.client.clone(), &ns);
         let quotas: Api<ImageQuota> = Api::namespaced(env.client.clone(), &ns);
@@ -262,12 +222,8 @@ scenarios! {
     }
 
     async fn an_operator_killed_mid_copy_converges_with_the_right_bytes(env: &Env) {
-        let ns = env.namespace("kill").await;
-        let (a, b) = (format!("{ns}-a"), format!("{ns}-b"));
+        let (ns, a, b) = two_regions(env, "kill").await;
         let (addr, _dir, digest) = qcow2_64m().await;
-        region(env, &a).await;
-        region(env, &b).await;
-        start(env, &a, &b).await;
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let copies: Api<ImageCopy> = Api::namespaced(env.client.clone(), &ns);
         apply(&images, image("big", &a, &format!("http://{addr}/disk.qcow2"), json!({}))).await;

@@ -9,11 +9,11 @@ use ims_operator::api::{Image, ImagePhase, Region};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::{conditions::is_deleted, wait::Condition},
+    runtime::conditions::is_deleted,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use support::Env;
+use support::{reason_is, region, stored_files};
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
@@ -26,20 +26,6 @@ fn qemu_info(path: &std::path::Path) -> (String, u64) {
     (info["format"].as_str().unwrap().to_string(), info["virtual-size"].as_u64().unwrap())
 }
 
-fn reason_is(reason: &'static str) -> impl Condition<Image> {
-    move |i: Option<&Image>| {
-        i.and_then(|i| i.status.as_ref())
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.reason == reason)
-    }
-}
-
-async fn region(env: &Env, name: &str) {
-    let regions: Api<Region> = Api::all(env.client.clone());
-    let r = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{name}")}}});
-    regions.patch(name, &PatchParams::apply("test"), &Patch::Apply(r)).await.unwrap();
-}
-
 fn image(name: &str, region: &str, url: &str, extra: Value) -> Value {
     let mut spec = json!({"region": region, "type": "DataDisk", "source": {"url": {"url": url}}});
     if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
@@ -48,17 +34,6 @@ fn image(name: &str, region: &str, url: &str, extra: Value) -> Value {
         }
     }
     json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name}, "spec": spec})
-}
-
-fn stored_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.path().is_dir() { stack.push(e.path()) } else { out.push(e.path()) }
-        }
-    }
-    out
 }
 
 scenarios! {

@@ -3,18 +3,14 @@
 
 mod support;
 
-use ims_operator::api::{Image, ImagePhase, ImageShare, MemberState, Region};
+use ims_operator::api::{Image, ImagePhase, ImageShare, MemberState};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams},
     runtime::{conditions::is_deleted, wait::Condition},
 };
 use serde_json::{Value, json};
-use support::Env;
-
-fn reason_is(reason: &'static str) -> impl Condition<Image> {
-    move |i: Option<&Image>| ready_reason(i) == Some(reason.to_string())
-}
+use support::{apply, reason_is, region};
 
 fn ready_reason(i: Option<&Image>) -> Option<String> {
     i.and_then(|i| i.status.as_ref())
@@ -39,20 +35,6 @@ fn members(share: &ImageShare) -> Vec<(String, MemberState, Option<String>)> {
         .collect();
     m.sort_by(|a, b| a.0.cmp(&b.0));
     m
-}
-
-async fn region(env: &Env, name: &str) {
-    let regions: Api<Region> = Api::all(env.client.clone());
-    let r = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{name}")}}});
-    regions.patch(name, &PatchParams::apply("test"), &Patch::Apply(r)).await.unwrap();
-}
-
-async fn apply<K>(api: &Api<K>, manifest: Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = manifest["metadata"]["name"].as_str().unwrap().to_string();
-    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(manifest)).await.unwrap();
 }
 
 fn owned(name: &str, region: &str, url: &str, extra: Value) -> Value {

@@ -260,3 +260,41 @@ pub async fn serve_files(dir: std::path::PathBuf) -> std::net::SocketAddr {
     });
     addr
 }
+
+/// Every file below `dir` (a region's file store).
+pub fn stored_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() { stack.push(e.path()) } else { out.push(e.path()) }
+        }
+    }
+    out
+}
+
+/// An Image whose Ready condition has this reason.
+pub fn reason_is(reason: &'static str) -> impl Condition<api::Image> {
+    move |i: Option<&api::Image>| {
+        i.and_then(|i| i.status.as_ref())
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.reason == reason)
+    }
+}
+
+/// A Region with a `file://` store named after it (server-side apply).
+pub async fn region(env: &Env, name: &str) {
+    let regions: Api<api::Region> = Api::all(env.client.clone());
+    let r = serde_json::json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": name},
+        "spec": {"storage": {"url": format!("file:///var/lib/ims/{name}")}}});
+    regions.patch(name, &PatchParams::apply("test"), &Patch::Apply(r)).await.expect("apply Region");
+}
+
+/// Server-side applies a manifest (forcing ownership: the test is the only writer of spec).
+pub async fn apply<K>(api: &Api<K>, manifest: serde_json::Value)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let name = manifest["metadata"]["name"].as_str().expect("metadata.name").to_string();
+    api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(manifest)).await.expect("apply");
+}
