@@ -1,13 +1,16 @@
-//! The import benchmark (not a timed test): how an import of a large image compares with `cp` and
-//! `sha256sum` of the same file on the same disk, and how much memory an import takes.
+//! The import benchmark (not a timed test): how an import of a large image, and a copy of a stored
+//! image into another region's store, compare with `cp` and `sha256sum` of the same file on the
+//! same disk, and how much memory each takes.
 //!
 //! ```sh
-//! cargo bench --bench import -- --size-gib 4 --runs 3
+//! cargo bench --bench import -- --size-gib 4 --runs 5
 //! ```
 //!
-//! Options: `--size-gib N` (default 4), `--runs N` (default 3), `--rss-gib 1,4` (sizes whose peak
+//! Options: `--size-gib N` (default 4), `--runs N` (default 5), `--rss-gib 1,4` (sizes whose peak
 //! RSS is reported; default 1 and N), `--dir PATH` (where the test files live; default
-//! `$CARGO_TARGET_TMPDIR/import-bench`, i.e. `target/tmp/`, outside the git tree).
+//! `$CARGO_TARGET_TMPDIR/import-bench`, i.e. `target/tmp/`, outside the git tree), `--no-prime`
+//! (see below), `--compare-with PATH` (the bench binary of an earlier build: its imports are
+//! measured in the same runs, the same way, for a before/after).
 //!
 //! The test file (N GiB of pseudo-random bytes, nothing sparse) is written once and reused. The
 //! page cache cannot be dropped here (no root over the host's caches), so every run is
@@ -15,24 +18,40 @@
 //! measurement the previous outputs are removed and `sync` runs (not timed), so no step pays for
 //! an earlier one's write-back.
 //!
+//! The machine is a shared 2-CPU VM, so each step first waits until the machine is idle, then
+//! primes it (an untimed `cp` of the test file, removed again, and `sync`; `--no-prime` skips
+//! that): writing into page-cache pages the guest freed a while ago costs several times more than
+//! into pages freed just before, and priming puts every step, `cp` included, in the same state.
+//! A step during which other processes used more than 0.3 s of CPU (`/proc/stat` minus this
+//! process and its children) is repeated, up to 3 times; the report says how many were.
+//!
 //! Each import runs in a child process (this binary re-executed with `--child-import`), so its
 //! peak RSS (`VmHWM` of `/proc/self/status`, read by the child when the import has ended) is the
 //! import's alone; "extra" is that peak minus the child's RSS before the import started. The
 //! http source is served by this process (a thread per connection, `std::io::copy` from the file,
 //! which Linux turns into `sendfile`), with a Content-Length.
+//!
+//! The copy (`import::copy`, what ImageCopy uses) goes from one `file://` RegionStore to another
+//! on the same disk: the test file is hard-linked into the source store as an image object, and
+//! the child copies it, then reads the landed copy back with `import::hash_object` (timed
+//! separately: what verifying a copy by re-reading it would cost).
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use ims_operator::{
     api::{DeclaredFormat, RegionStorage},
     fetch::FetchPolicy,
-    import::{self, Progress, Request},
+    import::{self, CopyRequest, Progress, Request},
     store::{RegionStore, StoreConfig},
 };
 
@@ -44,12 +63,16 @@ struct Args {
     runs: usize,
     rss_gib: Vec<u64>,
     dir: PathBuf,
+    prime: bool,
+    /// Another build of this bench: its imports (`--child-import`) are measured too, alike.
+    compare_with: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench import -- [--size-gib N] [--runs N] [--rss-gib 1,4] [--dir PATH]\n\
-         (defaults: 4 GiB, 3 runs, RSS at 1 GiB and N GiB, $CARGO_TARGET_TMPDIR/import-bench)"
+        "usage: cargo bench --bench import -- [--size-gib N] [--runs N] [--rss-gib 1,4] [--dir PATH] [--no-prime]\n\
+         [--compare-with EARLIER-BENCH-BINARY]\n\
+         (defaults: 4 GiB, 5 runs, RSS at 1 GiB and N GiB, $CARGO_TARGET_TMPDIR/import-bench)"
     );
     std::process::exit(2)
 }
@@ -57,9 +80,11 @@ fn usage() -> ! {
 fn parse_args(argv: &[String]) -> Args {
     let mut args = Args {
         size_gib: 4,
-        runs: 3,
+        runs: 5,
         rss_gib: Vec::new(),
         dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("import-bench"),
+        prime: true,
+        compare_with: None,
     };
     let mut it = argv.iter();
     while let Some(arg) = it.next() {
@@ -71,6 +96,8 @@ fn parse_args(argv: &[String]) -> Args {
                 args.rss_gib = value().split(',').map(|s| s.trim().parse().unwrap_or_else(|_| usage())).collect()
             }
             "--dir" => args.dir = PathBuf::from(value()),
+            "--no-prime" => args.prime = false,
+            "--compare-with" => args.compare_with = Some(PathBuf::from(value())),
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "-h" | "--help" => usage(),
@@ -94,10 +121,12 @@ fn main() {
     match argv.first().map(String::as_str) {
         Some("--child-import") => return child_import(&argv[1..]),
         Some("--child-drain") => return child_drain(&argv[1..]),
+        Some("--child-copy") => return child_copy(&argv[1..]),
         _ => {}
     }
     let args = parse_args(&argv);
     std::fs::create_dir_all(&args.dir).expect("create the bench directory");
+    PRIME.store(args.prime, Ordering::Relaxed);
     let server = serve(args.dir.clone());
 
     let source = test_file(&args.dir, args.size_gib);
@@ -106,35 +135,63 @@ fn main() {
 
     let mut runs: Vec<Run> = Vec::new();
     for run in 1..=args.runs {
-        let r = measure(&args.dir, &source, server);
+        let r = measure(&args.dir, &source, server, args.compare_with.as_deref());
         eprintln!(
-            "run {run}: cp {:.2}s, sha256sum {:.2}s, import http {:.2}s (cpu {:.2}s), import file {:.2}s \
-             (cpu {:.2}s), read http {:.2}s, read file {:.2}s, sha2 {:.2}s",
+            "run {run}: cp {:.2}s, dd {:.2}s, sha256sum {:.2}s, import http {:.2}s (cpu {:.2}s), import file {:.2}s \
+             (cpu {:.2}s), copy {:.2}s (cpu {:.2}s), re-read {:.2}s, read http {:.2}s, read file {:.2}s, sha2 {:.2}s",
             r.cp,
+            r.dd,
             r.sha256sum,
             r.http.secs,
             r.http.cpu_secs,
             r.file.secs,
             r.file.cpu_secs,
+            r.copy.secs,
+            r.copy.cpu_secs,
+            r.copy.reread_secs,
             r.drain_http,
             r.drain_file,
             r.hash
         );
+        if let Some([http, file]) = &r.earlier {
+            eprintln!(
+                "run {run}, earlier build: import http {:.2}s (cpu {:.2}s), import file {:.2}s (cpu {:.2}s)",
+                http.secs, http.cpu_secs, file.secs, file.cpu_secs
+            );
+        }
         runs.push(r);
     }
 
     // Peak RSS at each size (the main size's from the runs above).
-    let mut rss: Vec<(u64, u64, u64)> = Vec::new();
+    // Peak RSS at each size (the main size's from the runs above): import http, import file,
+    // copy, and the earlier build's imports.
+    let mut rss: Vec<(u64, Vec<u64>)> = Vec::new();
     for &gib in &args.rss_gib {
         if gib == args.size_gib {
-            let http = runs.iter().map(|r| r.http.extra_kib()).max().unwrap_or(0);
-            let file = runs.iter().map(|r| r.file.extra_kib()).max().unwrap_or(0);
-            rss.push((gib, http, file));
+            let peak = |f: &dyn Fn(&Run) -> Option<&ChildImport>| {
+                runs.iter().filter_map(|r| f(r).map(ChildImport::extra_kib)).max().unwrap_or(0)
+            };
+            let mut row = vec![peak(&|r| Some(&r.http)), peak(&|r| Some(&r.file)), peak(&|r| Some(&r.copy))];
+            if args.compare_with.is_some() {
+                row.push(peak(&|r| r.earlier.as_ref().map(|e| &e[0])));
+                row.push(peak(&|r| r.earlier.as_ref().map(|e| &e[1])));
+            }
+            rss.push((gib, row));
         } else {
             let path = test_file(&args.dir, gib);
-            let http = import_in_child(&args.dir, &http_url(server, &path), gib * GIB, None);
-            let file = import_in_child(&args.dir, &file_url(&path), gib * GIB, None);
-            rss.push((gib, http.extra_kib(), file.extra_kib()));
+            let digest = digest_of(&path);
+            let import = |exe: &Path, url: &str| {
+                steady("import", || import_in_child(exe, &args.dir, &path, url, Some(&digest))).extra_kib()
+            };
+            let this = std::env::current_exe().expect("current exe");
+            let (http, file) = (http_url(server, &path), file_url(&path));
+            let mut row = vec![import(&this, &http), import(&this, &file)];
+            row.push(steady("copy", || copy_in_child(&args.dir, &path, &digest)).extra_kib());
+            if let Some(earlier) = &args.compare_with {
+                row.push(import(earlier, &http));
+                row.push(import(earlier, &file));
+            }
+            rss.push((gib, row));
         }
     }
     print_report(&args, bytes, &runs, &rss);
@@ -166,8 +223,34 @@ fn test_file(dir: &Path, gib: u64) -> PathBuf {
     file.sync_all().expect("sync the test file");
     drop(file);
     std::fs::rename(&partial, &path).expect("rename the test file");
+    let _ = std::fs::remove_file(path.with_extension("bin.sha256"));
     eprintln!("# wrote {} in {:.1}s", path.display(), started.elapsed().as_secs_f64());
     path
+}
+
+/// The sha256 of a test file (sha2, streamed), cached in `<file>.sha256`.
+fn digest_of(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let cache = path.with_extension("bin.sha256");
+    if let Ok(digest) = std::fs::read_to_string(&cache)
+        && digest.trim().len() == 64
+    {
+        return digest.trim().to_string();
+    }
+    let mut file = std::fs::File::open(path).expect("open the test file");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf).expect("read the test file");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&cache, &digest).expect("cache the digest");
+    digest
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -232,6 +315,8 @@ struct ChildImport {
     sha256: String,
     base_kib: u64,
     hwm_kib: u64,
+    /// Copies only: reading the landed copy back and hashing it (`import::hash_object`).
+    reread_secs: f64,
 }
 
 impl ChildImport {
@@ -242,9 +327,16 @@ impl ChildImport {
 
 struct Run {
     cp: f64,
+    /// `dd bs=256K`: the same copy through a user-space buffer, as any pipeline that must see the
+    /// bytes (to hash them) has to do it.
+    dd: f64,
     sha256sum: f64,
     http: ChildImport,
     file: ChildImport,
+    /// `import::copy` from one file:// store to another.
+    copy: ChildImport,
+    /// `--compare-with`: the earlier build's imports, http:// and file://.
+    earlier: Option<[ChildImport; 2]>,
     /// Only reading the source (`fetch::open`, chunks dropped), in a child.
     drain_http: f64,
     drain_file: f64,
@@ -270,34 +362,170 @@ fn timed(cmd: &mut Command) -> (f64, String) {
     (secs, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn measure(dir: &Path, source: &Path, server: SocketAddr) -> Run {
+fn measure(dir: &Path, source: &Path, server: SocketAddr, earlier: Option<&Path>) -> Run {
+    let this = std::env::current_exe().expect("current exe");
     let bytes = std::fs::metadata(source).unwrap().len();
-    let copy = dir.join("cp-copy.bin");
-    settle(&copy);
-    let (cp, _) = timed(Command::new("cp").arg(source).arg(&copy));
-    assert_eq!(std::fs::metadata(&copy).unwrap().len(), bytes);
-    settle(&copy);
-
-    let (sha256sum, out) = timed(Command::new("sha256sum").arg(source));
-    let digest = out.split_whitespace().next().unwrap_or_default().to_string();
-
-    let http = import_in_child(dir, &http_url(server, source), bytes, Some(&digest));
-    let file = import_in_child(dir, &file_url(source), bytes, Some(&digest));
-    let drain_http = drain_in_child(&http_url(server, source), bytes);
-    let drain_file = drain_in_child(&file_url(source), bytes);
-    let hash = hash_in_memory(bytes);
-    Run { cp, sha256sum, http, file, drain_http, drain_file, hash }
+    let cp = steady("cp", || {
+        let copy = dir.join("cp-copy.bin");
+        settle(&copy);
+        let window = Window::begin(dir, source);
+        let (secs, _) = timed(Command::new("cp").arg(source).arg(&copy));
+        let foreign = window.foreign_secs();
+        assert_eq!(std::fs::metadata(&copy).unwrap().len(), bytes);
+        settle(&copy);
+        (secs, foreign)
+    });
+    let dd = steady("dd", || {
+        let copy = dir.join("dd-copy.bin");
+        settle(&copy);
+        let window = Window::begin(dir, source);
+        let (secs, _) = timed(
+            Command::new("dd")
+                .arg(format!("if={}", source.display()))
+                .arg(format!("of={}", copy.display()))
+                .args(["bs=256K", "status=none"]),
+        );
+        let foreign = window.foreign_secs();
+        assert_eq!(std::fs::metadata(&copy).unwrap().len(), bytes);
+        settle(&copy);
+        (secs, foreign)
+    });
+    let (sha256sum, digest) = steady("sha256sum", || {
+        let window = Window::begin(dir, source);
+        let (secs, out) = timed(Command::new("sha256sum").arg(source));
+        ((secs, out.split_whitespace().next().unwrap_or_default().to_string()), window.foreign_secs())
+    });
+    let (http_source, file_source) = (http_url(server, source), file_url(source));
+    let import = |exe: &Path, url: &str| steady("import", || import_in_child(exe, dir, source, url, Some(&digest)));
+    let http = import(&this, &http_source);
+    let file = import(&this, &file_source);
+    let earlier = earlier.map(|exe| [import(exe, &http_source), import(exe, &file_source)]);
+    let copy = steady("copy", || copy_in_child(dir, source, &digest));
+    let drain_http = steady("read http", || drain_in_child(dir, source, &http_url(server, source)));
+    let drain_file = steady("read file", || drain_in_child(dir, source, &file_url(source)));
+    let hash = steady("sha2", || {
+        let window = Window::begin(dir, source);
+        let secs = hash_in_memory(bytes);
+        (secs, window.foreign_secs())
+    });
+    Run { cp, dd, sha256sum, http, file, copy, earlier, drain_http, drain_file, hash }
 }
 
-/// Reads the source through `fetch::open` in a child process and drops the bytes: seconds.
-fn drain_in_child(url: &str, bytes: u64) -> f64 {
+// -------------------------------------------------------------------------------------------------
+// Steady measurements on a shared machine
+
+/// Whether each step is preceded by priming (see [`Window::begin`]); `--no-prime` turns it off.
+static PRIME: AtomicBool = AtomicBool::new(true);
+/// Steps repeated because other processes used the CPU during them.
+static REPEATED: AtomicUsize = AtomicUsize::new(0);
+/// The most CPU other processes used during a step that was kept, in seconds.
+static WORST_FOREIGN: Mutex<f64> = Mutex::new(0.0);
+
+/// A step is repeated when other processes used more CPU than this during it.
+const MAX_FOREIGN_SECS: f64 = 0.3;
+/// ... at most this many times in all.
+const ATTEMPTS: usize = 3;
+
+/// Runs a step (`f` returns its result and the CPU other processes used during it), repeating
+/// it when other processes disturbed it.
+fn steady<T>(name: &str, mut f: impl FnMut() -> (T, f64)) -> T {
+    for attempt in 1.. {
+        let (result, foreign) = f();
+        if foreign <= MAX_FOREIGN_SECS || attempt == ATTEMPTS {
+            let mut worst = WORST_FOREIGN.lock().unwrap();
+            *worst = worst.max(foreign);
+            return result;
+        }
+        REPEATED.fetch_add(1, Ordering::Relaxed);
+        eprintln!("# {name}: other processes used {foreign:.2} s of CPU during it; repeating it");
+    }
+    unreachable!()
+}
+
+/// CPU time in clock ticks: the machine's busy time (`/proc/stat`: user, nice, system, irq,
+/// softirq), this process's and its waited-for children's (`/proc/self/stat`).
+#[derive(Clone, Copy)]
+struct CpuSample {
+    machine: u64,
+    own: u64,
+}
+
+impl CpuSample {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let field = |i: usize| cpu.get(i).copied().unwrap_or(0);
+        let machine = field(0) + field(1) + field(2) + field(5) + field(6);
+        CpuSample { machine, own: cpu_ticks() + children_cpu_ticks() }
+    }
+}
+
+/// The timed part of a step.
+struct Window(CpuSample);
+
+impl Window {
+    /// Waits until the machine is idle, then (unless `--no-prime`) primes it: an untimed `cp` of
+    /// `source` into `dir`, removed again, and `sync`. That puts the source in the page cache
+    /// and every step in the same state: on this VM, writing into page-cache pages that the
+    /// guest freed a while ago (and the hypervisor took back) costs several times more than
+    /// into pages freed just before.
+    fn begin(dir: &Path, source: &Path) -> Self {
+        wait_idle();
+        if PRIME.load(Ordering::Relaxed) {
+            let primed = dir.join("prime.bin");
+            let status = Command::new("cp").arg(source).arg(&primed).status().expect("run cp");
+            assert!(status.success(), "priming failed");
+            settle(&primed);
+        }
+        Window(CpuSample::now())
+    }
+
+    /// Seconds of CPU that other processes (not this one or its children) used since `begin`.
+    fn foreign_secs(&self) -> f64 {
+        let now = CpuSample::now();
+        let machine = now.machine.saturating_sub(self.0.machine) as f64;
+        let own = now.own.saturating_sub(self.0.own) as f64;
+        ((machine - own) / clock_ticks()).max(0.0)
+    }
+}
+
+/// Waits (at most 2 minutes) until the machine has been idle, under 8% of one CPU busy, for two
+/// seconds in a row.
+fn wait_idle() {
+    let started = Instant::now();
+    let mut idle_seconds = 0;
+    while idle_seconds < 2 {
+        if started.elapsed() > Duration::from_secs(120) {
+            eprintln!("# the machine did not become idle within 2 minutes; measuring anyway");
+            return;
+        }
+        let before = CpuSample::now();
+        std::thread::sleep(Duration::from_secs(1));
+        let busy = CpuSample::now().machine.saturating_sub(before.machine) as f64 / clock_ticks();
+        idle_seconds = if busy < 0.08 { idle_seconds + 1 } else { 0 };
+    }
+}
+
+/// Reads the source through `fetch::open` in a child process and drops the bytes: seconds, and
+/// the CPU other processes used meanwhile.
+fn drain_in_child(dir: &Path, source: &Path, url: &str) -> (f64, f64) {
+    let bytes = std::fs::metadata(source).unwrap().len();
     let exe = std::env::current_exe().expect("current exe");
+    let window = Window::begin(dir, source);
     let out = Command::new(exe).arg("--child-drain").arg(url).stderr(Stdio::inherit()).output().expect("run the child");
+    let foreign = window.foreign_secs();
     assert!(out.status.success(), "the child drain of {url} failed");
     let out = String::from_utf8_lossy(&out.stdout);
     let field = |key: &str| out.split_whitespace().find_map(|f| f.strip_prefix(key)).map(str::to_string);
     assert_eq!(field("size=").and_then(|v| v.parse::<u64>().ok()), Some(bytes), "the drain of {url} read every byte");
-    field("secs=").and_then(|v| v.parse().ok()).expect("secs")
+    (field("secs=").and_then(|v| v.parse().ok()).expect("secs"), foreign)
 }
 
 /// sha256 (the sha2 crate, as the import uses it) of `bytes` bytes, fed 1 MiB at a time from a
@@ -322,11 +550,14 @@ fn hash_in_memory(bytes: u64) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-/// Runs one import in a child process into a fresh file:// store under `dir`.
-fn import_in_child(dir: &Path, url: &str, bytes: u64, digest: Option<&str>) -> ChildImport {
+/// Runs one import of `source` (at `url`) in a child process (`exe`: this bench, or an earlier
+/// build of it) into a fresh file:// store under `dir`; also returns the CPU other processes
+/// used meanwhile.
+fn import_in_child(exe: &Path, dir: &Path, source: &Path, url: &str, digest: Option<&str>) -> (ChildImport, f64) {
+    let bytes = std::fs::metadata(source).unwrap().len();
     let store = dir.join("store");
     settle(&store);
-    let exe = std::env::current_exe().expect("current exe");
+    let window = Window::begin(dir, source);
     let out = Command::new(exe)
         .arg("--child-import")
         .arg(url)
@@ -334,10 +565,22 @@ fn import_in_child(dir: &Path, url: &str, bytes: u64, digest: Option<&str>) -> C
         .stderr(Stdio::inherit())
         .output()
         .expect("run the child import");
+    let foreign = window.foreign_secs();
     assert!(out.status.success(), "the child import of {url} failed");
+    let (result, size) = parse_child(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(size, bytes, "the import of {url} stored every byte");
+    if let Some(digest) = digest {
+        assert_eq!(result.sha256, digest, "the import's sha256 is sha256sum's");
+    }
+    settle(&store);
+    (result, foreign)
+}
+
+/// Reads a child's `key=value` line: what it measured, and the size it stored.
+fn parse_child(out: &str) -> (ChildImport, u64) {
     let mut result = ChildImport::default();
     let mut size = 0;
-    for field in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+    for field in out.split_whitespace() {
         match field.split_once('=') {
             Some(("secs", v)) => result.secs = v.parse().unwrap(),
             Some(("cpu_ticks", v)) => result.cpu_secs = v.parse::<f64>().unwrap() / clock_ticks(),
@@ -345,16 +588,44 @@ fn import_in_child(dir: &Path, url: &str, bytes: u64, digest: Option<&str>) -> C
             Some(("sha256", v)) => result.sha256 = v.to_string(),
             Some(("base_kib", v)) => result.base_kib = v.parse().unwrap(),
             Some(("hwm_kib", v)) => result.hwm_kib = v.parse().unwrap(),
+            Some(("reread_secs", v)) => result.reread_secs = v.parse().unwrap(),
             _ => {}
         }
     }
-    assert_eq!(size, bytes, "the import of {url} stored every byte");
-    if let Some(digest) = digest {
-        assert_eq!(result.sha256, digest, "the import's sha256 is sha256sum's");
-    }
-    settle(&store);
-    result
+    (result, size)
 }
+
+/// Region stores of the copy: `dir/copy-stores/{src,dst}`, the test file hard-linked into `src`
+/// as an image object. Runs one `import::copy` to `dst` in a child process; also returns the CPU
+/// other processes used meanwhile.
+fn copy_in_child(dir: &Path, source: &Path, digest: &str) -> (ChildImport, f64) {
+    let stores = dir.join("copy-stores");
+    settle(&stores);
+    let object_dir = stores.join("src").join(COPY_OBJECT_DIR);
+    std::fs::create_dir_all(&object_dir).expect("create the source store");
+    std::fs::hard_link(source, object_dir.join("disk")).expect("link the test file into the source store");
+    let exe = std::env::current_exe().expect("current exe");
+    let window = Window::begin(dir, source);
+    let out = Command::new(exe)
+        .arg("--child-copy")
+        .arg(&stores)
+        .arg(digest)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the child copy");
+    let foreign = window.foreign_secs();
+    assert!(out.status.success(), "the child copy failed");
+    let (result, size) = parse_child(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(size, std::fs::metadata(source).unwrap().len(), "the copy stored every byte");
+    assert_eq!(result.sha256, digest, "the copy's sha256 is the source's");
+    let landed = stores.join("dst").join(COPY_OBJECT_DIR).join("disk");
+    assert_eq!(std::fs::metadata(&landed).map(|m| m.len()).ok(), Some(size), "the copy landed in dst");
+    settle(&stores);
+    (result, foreign)
+}
+
+/// Where the copied object lives in both stores.
+const COPY_OBJECT_DIR: &str = "bench/image/uid";
 
 /// User + system CPU ticks of this process, all threads (`/proc/self/stat` utime + stime).
 fn cpu_ticks() -> u64 {
@@ -364,6 +635,15 @@ fn cpu_ticks() -> u64 {
     // After "(comm) ": state is field 3 of the man page, utime 14 and stime 15.
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     field(14) + field(15)
+}
+
+/// User + system CPU ticks of this process's waited-for children (`cutime` + `cstime`).
+fn children_cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(16) + field(17)
 }
 
 /// Clock ticks a second (`getconf CLK_TCK`; 100 on Linux).
@@ -450,6 +730,49 @@ fn child_drain(argv: &[String]) {
     println!("{line}");
 }
 
+/// The child: `--child-copy <stores-dir> <sha256>`. Copies the `src` store's object into the
+/// `dst` store with `import::copy` (runtime and stores as the operator has them), then reads the
+/// landed copy back with `import::hash_object`; prints `secs= cpu_ticks= size= sha256= base_kib=
+/// hwm_kib= reread_secs=` (the peak RSS is the copy's, read before the re-read).
+fn child_copy(argv: &[String]) {
+    let [stores, digest] = argv else { panic!("--child-copy <stores-dir> <sha256>") };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let line = runtime.block_on(async {
+        let config = StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: PathBuf::from(stores) };
+        let open = |region: &str| {
+            let spec = RegionStorage { url: format!("file:///var/lib/ims/{region}"), ..Default::default() };
+            RegionStore::open(&spec, &config, None).expect("open the store")
+        };
+        let (from, to) = (open("src"), open("dst"));
+        let from_object = from.join(COPY_OBJECT_DIR).join("disk");
+        let to_object = to.join(COPY_OBJECT_DIR).join("disk");
+        let mut report = |_: u64, _: Option<u64>| {};
+        let base_kib = proc_status_kib("VmRSS");
+        let base_ticks = cpu_ticks();
+        let started = Instant::now();
+        let request =
+            CopyRequest { from: &from, from_object: &from_object, to: &to, to_object: &to_object, sha256: digest };
+        let copied = import::copy(request, Progress { every: Duration::from_secs(10), report: &mut report })
+            .await
+            .expect("copy");
+        let secs = started.elapsed().as_secs_f64();
+        let ticks = cpu_ticks() - base_ticks;
+        let hwm_kib = proc_status_kib("VmHWM");
+        let started = Instant::now();
+        let (size, reread) = import::hash_object(&to, &to_object).await.expect("re-read the copy");
+        let reread_secs = started.elapsed().as_secs_f64();
+        assert_eq!((size, &reread), (copied.size, &copied.sha256), "the landed copy reads back the same");
+        format!(
+            "secs={secs} cpu_ticks={ticks} size={} sha256={} format={} base_kib={base_kib} hwm_kib={hwm_kib} \
+             reread_secs={reread_secs}",
+            copied.size,
+            copied.sha256,
+            copied.detected.format.as_api_str()
+        )
+    });
+    println!("{line}");
+}
+
 // -------------------------------------------------------------------------------------------------
 // Report
 
@@ -462,51 +785,99 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// One row of the report: its name and the seconds of each run.
 type Column = (&'static str, fn(&Run) -> f64);
 
-fn print_report(args: &Args, bytes: u64, runs: &[Run], rss: &[(u64, u64, u64)]) {
+/// Seconds of the earlier build's import (0: http://, 1: file://) in a run; NaN without one.
+fn earlier_secs(r: &Run, i: usize) -> f64 {
+    r.earlier.as_ref().map_or(f64::NAN, |e| e[i].secs)
+}
+
+fn print_report(args: &Args, bytes: u64, runs: &[Run], rss: &[(u64, Vec<u64>)]) {
     let of = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     let cp = of(|r| r.cp);
     let sha = of(|r| r.sha256sum);
     let http = of(|r| r.http.secs);
     let file = of(|r| r.file.secs);
+    let copy = of(|r| r.copy.secs);
     let mibs = |secs: f64| bytes as f64 / MIB / secs;
 
     println!("\n### Import of {} GiB, median of {} warm-cache runs\n", args.size_gib, args.runs);
+    println!(
+        "Each step after waiting for an idle machine{}; {} steps repeated because other processes used more \
+         than {MAX_FOREIGN_SECS} s of CPU during them; at most {:.2} s of CPU used by other processes during a \
+         kept step.\n",
+        if args.prime { " and priming (an untimed cp of the test file, removed, and sync)" } else { "" },
+        REPEATED.load(Ordering::Relaxed),
+        *WORST_FOREIGN.lock().unwrap()
+    );
     println!("| step | median s | MiB/s | runs (s) | time / cp | time / sha256sum |");
     println!("|---|---:|---:|---|---:|---:|");
-    let rows: [Column; 7] = [
+    let mut rows: Vec<Column> = vec![
         ("`cp` (same disk)", |r| r.cp),
+        ("`dd bs=256K` (same copy, through user space)", |r| r.dd),
         ("`sha256sum`", |r| r.sha256sum),
         ("import, http:// source", |r| r.http.secs),
         ("import, file:// source", |r| r.file.secs),
+        ("copy, file:// store to file:// store", |r| r.copy.secs),
+        ("part: re-read + sha256 of the landed copy", |r| r.copy.reread_secs),
         ("part: read the http:// source only", |r| r.drain_http),
         ("part: read the file:// source only", |r| r.drain_file),
         ("part: sha2 sha256 in memory, 1 core", |r| r.hash),
     ];
+    if args.compare_with.is_some() {
+        rows.insert(5, ("earlier build: import, http:// source", |r| earlier_secs(r, 0)));
+        rows.insert(6, ("earlier build: import, file:// source", |r| earlier_secs(r, 1)));
+    }
     for (name, f) in rows {
         let secs = of(f);
         let list = runs.iter().map(|r| format!("{:.2}", f(r))).collect::<Vec<_>>().join(", ");
         println!("| {name} | {secs:.2} | {:.0} | {list} | {:.2} | {:.2} |", mibs(secs), secs / cp, secs / sha);
     }
     println!("\nGoal: import throughput >= 0.8x cp's (time_import <= time_cp / 0.8 = {:.2} s).", cp / 0.8);
-    for (name, secs) in [("http", http), ("file", file)] {
+    for (name, secs) in [("import http", http), ("import file", file), ("copy", copy)] {
         let ratio = cp / secs;
         let verdict = if ratio >= 0.8 { "met" } else { "NOT met" };
         println!("- {name}: throughput {ratio:.2}x cp's: {verdict}");
     }
+    let (dd, hash) = (of(|r| r.dd), of(|r| r.hash));
+    println!(
+        "- ceilings: sha256 on one core (every byte is hashed once, in order) allows at most {:.2}x cp's \
+         throughput; a copy through user space without hashing (dd) reaches {:.2}x.",
+        cp / hash,
+        cp / dd
+    );
     let cpu_http = of(|r| r.http.cpu_secs);
     let cpu_file = of(|r| r.file.cpu_secs);
+    let cpu_copy = of(|r| r.copy.cpu_secs);
     println!(
-        "\nCPU time of the import process (user + system, all threads; median): http:// {cpu_http:.2} s \
+        "\nCPU time of the child process (user + system, all threads; median): import http:// {cpu_http:.2} s \
          ({:.2} cores busy; the http server's sendfile runs in the bench process, not counted), \
-         file:// {cpu_file:.2} s ({:.2} cores busy).",
+         import file:// {cpu_file:.2} s ({:.2} cores busy), copy {cpu_copy:.2} s ({:.2} cores busy).",
         cpu_http / http,
-        cpu_file / file
+        cpu_file / file,
+        cpu_copy / copy
     );
 
-    println!("\n### Peak RSS of one import (child process: VmHWM minus RSS before the import)\n");
-    println!("| size | import, http:// | import, file:// |");
-    println!("|---:|---:|---:|");
-    for (gib, http, file) in rss {
-        println!("| {gib} GiB | {:.1} MiB | {:.1} MiB |", *http as f64 / 1024.0, *file as f64 / 1024.0);
+    if let Some(earlier_build) = &args.compare_with {
+        let earlier = |i: usize| median(runs.iter().map(|r| earlier_secs(r, i)).collect());
+        println!(
+            "\nEarlier build ({}): import http:// {:.2}x cp's throughput, file:// {:.2}x; this build is {:.2}x \
+             (http://) and {:.2}x (file://) as fast.",
+            earlier_build.display(),
+            cp / earlier(0),
+            cp / earlier(1),
+            earlier(0) / http,
+            earlier(1) / file
+        );
+    }
+
+    println!("\n### Peak RSS (child process: VmHWM minus RSS before the import or copy; max of the runs)\n");
+    let mut header = vec!["import, http://", "import, file://", "copy"];
+    if args.compare_with.is_some() {
+        header.extend(["earlier build: import, http://", "earlier build: import, file://"]);
+    }
+    println!("| size | {} |", header.join(" | "));
+    println!("|---:|{}", "---:|".repeat(header.len()));
+    for (gib, row) in rss {
+        let cells: Vec<String> = row.iter().map(|kib| format!("{:.1} MiB", *kib as f64 / 1024.0)).collect();
+        println!("| {gib} GiB | {} |", cells.join(" | "));
     }
 }

@@ -1,111 +1,311 @@
-//! Store-to-store copies (interim version; the overlapped engine replaces it).
+//! Store-to-store copies (an image's bytes into another region) and the cleanup of uploads that
+//! a killed process abandoned.
 
-use futures::StreamExt;
-use object_store::{ObjectStoreExt, WriteMultipart, path::Path};
-use sha2::{Digest, Sha256};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use super::{ImportError, Imported, PART_SIZE, Progress, hex, verify_format};
-use crate::{api::DeclaredFormat, store::RegionStore};
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt, path::Path};
+
+use super::{
+    ImportError, Imported, Progress,
+    pipeline::{self, Hashing, Upload},
+    remove_failed, verify_format,
+};
+use crate::{
+    api::DeclaredFormat,
+    store::{RegionStore, StoreError},
+};
 
 /// What a copy moves.
+#[derive(Clone, Copy, Debug)]
 pub struct CopyRequest<'a> {
-    /// Source store.
+    /// The store the bytes are in.
     pub from: &'a RegionStore,
-    /// Source object.
-    pub from_object: &'a Path,
-    /// Destination store.
+    /// Where they are in `from`.
+    pub from_object: &'a object_store::path::Path,
+    /// The store they go to.
     pub to: &'a RegionStore,
-    /// Destination object.
-    pub to_object: &'a Path,
-    /// Lower-case hex sha256 the bytes must hash to.
+    /// Where they go in `to`.
+    pub to_object: &'a object_store::path::Path,
+    /// Lower-case hex sha256 the bytes must hash to (the source image's status.checksum.sha256).
     pub sha256: &'a str,
 }
 
-/// Streams `from_object` into `to_object`, hashing on the fly; nothing stays on failure.
+/// Streams `from_object` into `to_object` (multipart, never whole in memory), hashing on the fly;
+/// verifies the landed object: its size equals the source's and the sha256 of what was written equals
+/// `sha256` — on a mismatch or any failure, nothing stays at `to_object` (delete it / abort the upload).
+/// Returns the `Imported` record (object, size, sha256, detected format via verify_format with DeclaredFormat::Auto).
+///
+/// The sha256 is that of the bytes handed to the upload (the hasher and the upload share each
+/// chunk, no copy in between); the landed object is not read back, only its size is checked
+/// (`head`). Reading it back would cost a second full read of the destination (about +80% of the
+/// copy's time on a `file://` store, and a second transfer on S3; see docs/PERFORMANCE.md);
+/// [`hash_object`] does that when wanted.
+///
+/// Errors: the source object missing is [`ImportError::SourceGone`] (not transient); a hash
+/// that differs from `sha256` is [`ImportError::ChecksumMismatch`] (not transient); store
+/// failures, and a source that ends early, are [`ImportError::Store`] (transient).
 pub async fn copy(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<Imported, ImportError> {
-    let result = stream(&request, progress).await;
-    let result = match result {
-        Ok(size) => verify_format(request.to, request.to_object, size, DeclaredFormat::Auto).await.map(|detected| {
-            Imported { object: request.to_object.clone(), size, sha256: request.sha256.to_string(), detected }
-        }),
-        Err(e) => Err(e),
-    };
+    let CopyRequest { to, to_object, .. } = request;
+    let result =
+        match copy_bytes(request, progress).await {
+            Ok((size, sha256)) => verify_format(to, to_object, size, DeclaredFormat::Auto)
+                .await
+                .map(|detected| Imported { object: to_object.clone(), size, sha256, detected }),
+            Err(e) => Err(e),
+        };
     if result.is_err() {
-        let _ = request.to.object_store().delete(request.to_object).await;
+        remove_failed(to, to_object, "copy").await;
     }
     result
 }
 
-async fn stream(request: &CopyRequest<'_>, progress: Progress<'_>) -> Result<u64, ImportError> {
-    let source = match request.from.object_store().get(request.from_object).await {
-        Ok(s) => s,
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(ImportError::UnsupportedFormat(format!("the source object {} is gone", request.from_object)));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let total = source.meta.size;
-    let upload = request.to.object_store().put_multipart(request.to_object).await?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    let mut hasher = Sha256::new();
-    let mut done = 0u64;
-    let mut last = std::time::Instant::now();
-    let mut body = source.into_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = writer.abort().await;
-                return Err(e.into());
+async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<(u64, String), ImportError> {
+    let CopyRequest { from, from_object, to, to_object, sha256: expected } = request;
+    let (size, mut stream) = open_object(from, from_object).await?;
+    let mut upload = Upload::start(to.object_store().as_ref(), to_object, Some(size)).await?;
+    let mut hashing = Hashing::start(false);
+    let mut done: u64 = 0;
+    let mut last_report = Instant::now();
+    let outcome: Result<(), ImportError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            done += chunk.len() as u64;
+            if done > size {
+                return Err(changed_under_us(from, from_object, size, "is longer"));
             }
-        };
-        hasher.update(&chunk);
-        done += chunk.len() as u64;
-        if let Err(e) = writer.wait_for_capacity(4).await {
-            return Err(e.into());
+            hashing.feed(&chunk).await?;
+            upload.put(chunk).await?;
+            if last_report.elapsed() >= progress.every {
+                (progress.report)(done, Some(size));
+                last_report = Instant::now();
+            }
         }
-        writer.put(chunk);
-        if last.elapsed() >= progress.every {
-            (progress.report)(done, Some(total));
-            last = std::time::Instant::now();
+        if done < size {
+            return Err(changed_under_us(from, from_object, size, "ended early"));
         }
+        Ok(())
     }
-    writer.finish().await?;
-    (progress.report)(done, Some(total));
-    let actual = hex(&hasher.finalize());
-    if actual != request.sha256 {
+    .await;
+    drop(stream);
+    if let Err(e) = outcome {
+        upload.abort().await;
+        return Err(e);
+    }
+    let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
+    written?;
+    let actual = digests?.sha256;
+    let landed = to.object_store().head(to_object).await?.size;
+    if landed != size {
+        return Err(ImportError::Store(object_store::Error::Generic {
+            store: "region",
+            source: format!("{} holds {landed} bytes after the copy, the source {size}", to.object_url(to_object))
+                .into(),
+        }));
+    }
+    (progress.report)(done, Some(done));
+    if !actual.eq_ignore_ascii_case(expected) {
         return Err(ImportError::ChecksumMismatch {
             algorithm: "sha256",
-            expected: request.sha256.to_string(),
+            expected: expected.to_ascii_lowercase(),
             actual,
         });
     }
-    Ok(done)
+    Ok((size, actual))
 }
 
-/// Removes what interrupted uploads left under `prefix`: a file store's multipart staging files
-/// (`<object>#<n>`, which object_store's listings do not show). S3 keeps abandoned multipart
-/// uploads invisibly until they are aborted: a bucket lifecycle rule
-/// (`AbortIncompleteMultipartUpload`) cleans those (see docs/OPERATIONS.md).
-pub async fn sweep_abandoned(store: &RegionStore, prefix: &Path) -> Result<usize, crate::store::StoreError> {
-    let Some(dir) = store.local_dir() else { return Ok(0) };
-    let root = dir.join(prefix.as_ref());
-    let swept = tokio::task::spawn_blocking(move || {
-        let mut swept = 0;
-        let mut stack = vec![root];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if entry.file_name().to_string_lossy().contains('#') && std::fs::remove_file(&path).is_ok() {
-                    swept += 1;
-                }
-            }
+fn changed_under_us(store: &RegionStore, object: &Path, size: u64, what: &str) -> ImportError {
+    ImportError::Store(object_store::Error::Generic {
+        store: "region",
+        source: format!(
+            "the source object {} {what} than the {size} bytes it had when opened",
+            store.object_url(object)
+        )
+        .into(),
+    })
+}
+
+/// Opens a stored object for streaming: its size and its bytes. Objects a `file://` store
+/// hands out as open files are read ahead on a blocking thread in 256 KiB chunks
+/// (object_store's own stream reads 8 KiB at a time, one blocking task each); others (S3)
+/// stream as they come.
+async fn open_object(
+    store: &RegionStore,
+    object: &Path,
+) -> Result<(u64, BoxStream<'static, Result<Bytes, ImportError>>), ImportError> {
+    let got = match store.object_store().get_opts(object, GetOptions::default()).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(ImportError::SourceGone(format!(
+                "the source bytes are gone: {} is not in its region store (the source image was deleted, or its \
+                 bytes were removed); copy from an image that is Active",
+                store.object_url(object)
+            )));
         }
-        swept
+        Err(e) => return Err(e.into()),
+    };
+    let size = got.meta.size;
+    let stream = match got.payload {
+        GetResultPayload::File(file, path) => pipeline::file_stream(file, path, got.range),
+        GetResultPayload::Stream(stream) => stream.map(|chunk| chunk.map_err(ImportError::from)).boxed(),
+    };
+    Ok((size, stream))
+}
+
+/// Reads `object` back and hashes it, the way [`copy`] reads its source (read-ahead reader,
+/// hasher on its own thread): its size and lower-case hex sha256. A missing object is
+/// [`ImportError::SourceGone`].
+pub async fn hash_object(store: &RegionStore, object: &Path) -> Result<(u64, String), ImportError> {
+    let (size, mut stream) = open_object(store, object).await?;
+    let mut hashing = Hashing::start(false);
+    let mut done = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        done += chunk.len() as u64;
+        hashing.feed(&chunk).await?;
+    }
+    if done != size {
+        return Err(changed_under_us(store, object, size, if done < size { "ended early" } else { "is longer" }));
+    }
+    Ok((size, hashing.finish().await?.sha256))
+}
+
+/// Deletes the staging files of uploads that never completed under `prefix` of a `file://`
+/// store; returns how many. See [`sweep_abandoned_older_than`]; this one removes them whatever
+/// their age, so call it when no upload into `prefix` should be running (the image is being
+/// deleted, or its import is about to be retried after a restart). An upload still running
+/// there then fails at completion (a transient store error; nothing wrong is ever stored).
+pub async fn sweep_abandoned(store: &RegionStore, prefix: &Path) -> Result<usize, StoreError> {
+    sweep_abandoned_older_than(store, prefix, Duration::ZERO).await
+}
+
+/// Deletes the staging files of uploads into `prefix` of a `file://` store that were last
+/// written at least `min_age` ago; returns how many.
+///
+/// object_store's `LocalFileSystem` writes an upload (multipart or not, and copies) to
+/// `<object>#<n>` next to the object and renames it into place when it completes. A failed or
+/// dropped upload removes its file, but a killed process (OOM, node loss, SIGKILL) leaves it:
+/// invisible to `list` (so [`RegionStore::delete_prefix`] and quota accounting never see it),
+/// it holds disk space and keeps the image's directory from being removed. Empty directories
+/// left behind under `prefix` (and above it, up to the store's root) are removed too.
+///
+/// Other stores report 0. On S3 an abandoned multipart upload cannot be listed or removed
+/// through object_store; give the bucket a lifecycle rule that aborts incomplete multipart
+/// uploads (`AbortIncompleteMultipartUpload`, e.g. `DaysAfterInitiation: 1`), which removes
+/// their parts.
+pub async fn sweep_abandoned_older_than(
+    store: &RegionStore,
+    prefix: &Path,
+    min_age: Duration,
+) -> Result<usize, StoreError> {
+    let Some(root) = local_root(store.object_store().as_ref()) else {
+        return Ok(0);
+    };
+    let dir = prefix.parts().fold(root.clone(), |dir, part| dir.join(part.as_ref()));
+    let swept = tokio::task::spawn_blocking(move || {
+        let removed = sweep_dir(&dir, min_age)?;
+        // Like LocalFileSystem's automatic cleanup: empty directories up to the root go.
+        let mut parent = Some(dir.as_path());
+        while let Some(d) = parent.filter(|d| *d != root && d.starts_with(&root)) {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            parent = d.parent();
+        }
+        Ok(removed)
     })
     .await
-    .unwrap_or(0);
-    Ok(swept)
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    swept.map_err(|e| StoreError::Backend {
+        context: format!("sweep abandoned uploads under {prefix}"),
+        source: object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) },
+    })
 }
+
+/// Removes staging files below `dir` (recursively; symlinks are not followed) and the
+/// directories that end up empty below it.
+fn sweep_dir(dir: &std::path::Path, min_age: Duration) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_dir() {
+            removed += sweep_dir(&path, min_age)?;
+            let _ = std::fs::remove_dir(&path); // only when empty
+            continue;
+        }
+        if !kind.is_file() || !is_staging_file(&entry.file_name()) {
+            continue;
+        }
+        if !min_age.is_zero() {
+            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age < min_age {
+                continue;
+            }
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), "removed the staging file of an abandoned upload");
+                removed += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether a file name is a LocalFileSystem staging file, `<name>#<digits>`: exactly the names
+/// object_store does not take for objects (it splits at the first `#`).
+fn is_staging_file(name: &std::ffi::OsStr) -> bool {
+    let Some((base, suffix)) = name.to_str().and_then(|n| n.split_once('#')) else {
+        return false;
+    };
+    !base.is_empty() && !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The directory of a `LocalFileSystem` store, from how it shows itself
+/// (`LocalFileSystem(file:///dir/)`); `None` for other stores.
+fn local_root(store: &dyn ObjectStore) -> Option<PathBuf> {
+    let shown = store.to_string();
+    let url = shown.strip_prefix("LocalFileSystem(file://")?.strip_suffix(')')?;
+    let bytes = percent_decode(url)?;
+    #[cfg(unix)]
+    let path = {
+        use std::os::unix::ffi::OsStringExt;
+        PathBuf::from(std::ffi::OsString::from_vec(bytes))
+    };
+    #[cfg(not(unix))]
+    let path = PathBuf::from(String::from_utf8(bytes).ok()?);
+    path.is_absolute().then_some(path)
+}
+
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let [hi, lo, tail @ ..] = tail else { return None };
+            let digit = |c: u8| char::from(c).to_digit(16);
+            out.push((digit(*hi)? * 16 + digit(*lo)?) as u8);
+            rest = tail;
+        } else {
+            out.push(b);
+            rest = tail;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests;

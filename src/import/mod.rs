@@ -1,10 +1,10 @@
 //! Moving an image's bytes into a region store: streamed (never whole in memory), hashed on the
 //! fly, size-limited while streaming, verified against the declared checksum, and the format
 //! detected from the stored bytes. On any failure nothing stays in the store.
-
-mod copy;
-
-pub use copy::{CopyRequest, copy, sweep_abandoned};
+//!
+//! The bytes are hashed on their own threads (see `pipeline`), overlapped with the reads and
+//! the store writes: the hashers and the multipart upload share each chunk (`Bytes` clones, no
+//! copy). [`copy`] moves a stored object from one region store to another the same way.
 
 use std::{
     sync::Arc,
@@ -12,8 +12,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart, path::Path};
-use sha2::{Digest, Sha256, Sha512};
+use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
 use crate::{
     api::DeclaredFormat,
@@ -22,7 +21,14 @@ use crate::{
     store::RegionStore,
 };
 
-/// Part size of multipart uploads.
+mod copy;
+mod pipeline;
+
+pub use copy::{CopyRequest, copy, hash_object, sweep_abandoned, sweep_abandoned_older_than};
+
+/// Part size of multipart uploads to S3 (larger for objects that would otherwise need more than
+/// S3's 10,000 parts, i.e. above 156 GiB; `file://` stores take 1 MiB parts). At most two parts
+/// are written while the next one fills, so an upload to S3 buffers at most 48 MiB.
 pub const PART_SIZE: usize = 16 * 1024 * 1024;
 
 /// What an import stored.
@@ -44,9 +50,11 @@ pub enum ImportError {
     /// The source could not be read (SSRF refusal, 404, DNS, ...).
     #[error("{0}")]
     Source(#[from] FetchError),
-    /// The bytes are not what `checksum` says.
+    /// The bytes are not what `checksum` says (an import), or not what the source image's
+    /// `status.checksum` says (a copy).
     #[error(
-        "checksum mismatch: the source's {algorithm} is {actual}, spec.source says {expected}; fix the checksum or the URL"
+        "checksum mismatch: the source's {algorithm} is {actual}, but {expected} is expected; for an import, fix \
+         spec.source's checksum or URL; for a copy, the source image's stored bytes no longer match its checksum"
     )]
     ChecksumMismatch {
         /// sha256 or sha512.
@@ -70,6 +78,10 @@ pub enum ImportError {
     /// The store failed.
     #[error("region store: {0}")]
     Store(#[from] object_store::Error),
+    /// A copy's source object is not in its store (the source image was deleted, or its bytes
+    /// removed). Not transient: the source must become Ready again.
+    #[error("{0}")]
+    SourceGone(String),
 }
 
 impl ImportError {
@@ -81,6 +93,7 @@ impl ImportError {
             ImportError::TooLarge { .. } => "TooLarge",
             ImportError::UnsupportedFormat(_) => "UnsupportedFormat",
             ImportError::Store(_) => "RegionNotReady",
+            ImportError::SourceGone(_) => "SourceNotActive",
         }
     }
 
@@ -153,12 +166,17 @@ pub async fn import(
         Err(e) => Err(e),
     };
     if result.is_err() {
-        match store.object_store().delete(object).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => tracing::warn!(object = %object, error = %e, "could not remove a failed import"),
-        }
+        remove_failed(store, object, "import").await;
     }
     result
+}
+
+/// Deletes what a failed import or copy may have left at `object`.
+async fn remove_failed(store: &RegionStore, object: &Path, what: &str) {
+    match store.object_store().delete(object).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(object = %object, error = %e, "could not remove a failed {what}"),
+    }
 }
 
 async fn stream_into(
@@ -173,11 +191,9 @@ async fn stream_into(
     if source.content_length.is_some_and(|len| len > limit) {
         return Err(ImportError::TooLarge { limit });
     }
-    let upload = store.object_store().put_multipart(object).await?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
     let want = expected(checksum);
-    let mut sha256 = Sha256::new();
-    let mut sha512 = matches!(want, Some(Expected::Sha512(_))).then(Sha512::new);
+    let mut upload = pipeline::Upload::start(store.object_store().as_ref(), object, source.content_length).await?;
+    let mut hashing = pipeline::Hashing::start(matches!(want, Some(Expected::Sha512(_))));
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
     let mut stream = source.stream;
@@ -188,12 +204,8 @@ async fn stream_into(
             if done > limit {
                 return Err(ImportError::TooLarge { limit });
             }
-            sha256.update(&chunk);
-            if let Some(h) = sha512.as_mut() {
-                h.update(&chunk);
-            }
-            writer.wait_for_capacity(4).await?;
-            writer.write(&chunk);
+            hashing.feed(&chunk).await?;
+            upload.put(chunk).await?;
             if last_report.elapsed() >= progress.every {
                 (progress.report)(done, source.content_length);
                 last_report = Instant::now();
@@ -203,24 +215,25 @@ async fn stream_into(
     }
     .await;
     if let Err(e) = outcome {
-        let _ = writer.abort().await;
+        upload.abort().await;
         return Err(e);
     }
-    writer.finish().await?;
+    let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
+    written?;
+    let digests = digests?;
     (progress.report)(done, Some(done));
-    let sha256 = hex(&sha256.finalize());
     match want {
-        Some(Expected::Sha256(expected)) if expected != sha256 => {
-            Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected, actual: sha256 })
+        Some(Expected::Sha256(expected)) if expected != digests.sha256 => {
+            Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected, actual: digests.sha256 })
         }
         Some(Expected::Sha512(expected)) => {
-            let actual = hex(&sha512.map(|h| h.finalize().to_vec()).unwrap_or_default());
+            let actual = digests.sha512.unwrap_or_default();
             if expected != actual {
                 return Err(ImportError::ChecksumMismatch { algorithm: "sha512", expected, actual });
             }
-            Ok((done, sha256))
+            Ok((done, digests.sha256))
         }
-        _ => Ok((done, sha256)),
+        _ => Ok((done, digests.sha256)),
     }
 }
 

@@ -1,6 +1,6 @@
 use std::{path::PathBuf, process::Command};
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 
 use super::*;
 use crate::{api::RegionStorage, store::StoreConfig};
@@ -141,4 +141,68 @@ async fn failures_leave_nothing_in_the_store_and_say_why() {
     let err = f.import("missing.raw", None, DeclaredFormat::Auto, 1 << 20).await.unwrap_err();
     assert_eq!(err.reason(), "SourceUnreachable");
     assert!(f.stored_files().is_empty(), "no failure left bytes behind: {:?}", f.stored_files());
+}
+
+#[tokio::test]
+async fn a_multi_part_import_hashes_both_digests_and_reports_progress() {
+    let f = Fixture::new();
+    // Two upload parts and more, in many source chunks.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let bytes: Vec<u8> = (0..PART_SIZE + 5 * fetch::FILE_CHUNK_SIZE + 3)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(f.source("big.raw"), &bytes).unwrap();
+    let checksum = format!("sha512:{}", hex(&Sha512::digest(&bytes)));
+    let object = f.store.image_prefix("t", "img", "uid").join("disk");
+    let url = format!("file://{}", f.source("big.raw").display());
+    let mut reports = Vec::new();
+    let mut report = |done: u64, total: Option<u64>| reports.push((done, total));
+    let imported = import(
+        &f.store,
+        &object,
+        Request { url: &url, checksum: Some(&checksum), declared: DeclaredFormat::Raw, limit: 1 << 30 },
+        &f.policy(),
+        Progress { every: Duration::ZERO, report: &mut report },
+    )
+    .await
+    .unwrap();
+    let total = bytes.len() as u64;
+    assert_eq!((imported.size, imported.sha256.clone()), (total, hex(&Sha256::digest(&bytes))));
+    assert!(reports.len() > 5, "{reports:?}");
+    assert!(reports[..reports.len() - 1].iter().all(|&(_, t)| t == Some(total)));
+    assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert_eq!(reports.last(), Some(&(total, Some(total))));
+    let stored = f.stored_files();
+    assert_eq!(stored.len(), 1, "no staging file is left: {stored:?}");
+    assert!(std::fs::read(&stored[0]).unwrap() == bytes);
+
+    // The same import limited below its size stops while streaming and leaves nothing.
+    let err = f.import("big.raw", None, DeclaredFormat::Auto, total - 1).await.unwrap_err();
+    assert_eq!(err.reason(), "TooLarge");
+    let wrong = format!("sha512:{}", "0".repeat(128));
+    let err = f.import("big.raw", Some(&wrong), DeclaredFormat::Auto, 1 << 30).await.unwrap_err();
+    assert_eq!(err.reason(), "ChecksumMismatch");
+    assert!(f.stored_files().is_empty(), "{:?}", f.stored_files());
+}
+
+#[tokio::test]
+async fn the_import_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let f = Fixture::new();
+    let object = f.store.image_prefix("t", "img", "uid").join("disk");
+    let policy = f.policy();
+    let mut report = |_: u64, _: Option<u64>| {};
+    let future = import(
+        &f.store,
+        &object,
+        Request { url: "file:///nowhere", checksum: None, declared: DeclaredFormat::Auto, limit: 1 },
+        &policy,
+        Progress { every: Duration::ZERO, report: &mut report },
+    );
+    assert_send(&future);
 }
