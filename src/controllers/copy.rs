@@ -55,7 +55,7 @@ async fn reconcile(copy: Arc<ImageCopy>, ctx: Arc<Context>) -> Result<Action, Er
     let api: Api<ImageCopy> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, CLEANUP_FINALIZER, copy, |event| async {
         match event {
-            Event::Apply(copy) => apply(copy, &ctx, &api).await,
+            Event::Apply(copy) => apply(copy, &ctx).await,
             Event::Cleanup(copy) => cancel(copy, &ctx).await,
         }
     })
@@ -230,7 +230,7 @@ fn copies_ahead(ctx: &Context, copy: &ImageCopy, namespace: &str) -> usize {
         .count()
 }
 
-async fn apply(copy: Arc<ImageCopy>, ctx: &Context, _api: &Api<ImageCopy>) -> Result<Action, Error> {
+async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
     let namespace = copy.namespace().unwrap_or_default();
     if finished(&copy) {
         // History, like a finished Job: the destination is the user's now.

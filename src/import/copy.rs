@@ -1,10 +1,7 @@
 //! Store-to-store copies (an image's bytes into another region) and the cleanup of uploads that
 //! a killed process abandoned.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
@@ -202,7 +199,7 @@ pub async fn sweep_abandoned_older_than(
     prefix: &Path,
     min_age: Duration,
 ) -> Result<usize, StoreError> {
-    let Some(root) = local_root(store.object_store().as_ref()) else {
+    let Some(root) = store.local_dir().map(std::path::Path::to_path_buf) else {
         return Ok(0);
     };
     let dir = prefix.parts().fold(root.clone(), |dir, part| dir.join(part.as_ref()));
@@ -272,39 +269,6 @@ fn is_staging_file(name: &std::ffi::OsStr) -> bool {
         return false;
     };
     !base.is_empty() && !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// The directory of a `LocalFileSystem` store, from how it shows itself
-/// (`LocalFileSystem(file:///dir/)`); `None` for other stores.
-fn local_root(store: &dyn ObjectStore) -> Option<PathBuf> {
-    let shown = store.to_string();
-    let url = shown.strip_prefix("LocalFileSystem(file://")?.strip_suffix(')')?;
-    let bytes = percent_decode(url)?;
-    #[cfg(unix)]
-    let path = {
-        use std::os::unix::ffi::OsStringExt;
-        PathBuf::from(std::ffi::OsString::from_vec(bytes))
-    };
-    #[cfg(not(unix))]
-    let path = PathBuf::from(String::from_utf8(bytes).ok()?);
-    path.is_absolute().then_some(path)
-}
-
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut rest = s.as_bytes();
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let [hi, lo, tail @ ..] = tail else { return None };
-            let digit = |c: u8| char::from(c).to_digit(16);
-            out.push((digit(*hi)? * 16 + digit(*lo)?) as u8);
-            rest = tail;
-        } else {
-            out.push(b);
-            rest = tail;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]

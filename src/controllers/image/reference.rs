@@ -56,8 +56,8 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
         open_to(s, &tenant, &ctx.config.public_namespace)
             || share::evaluation(ctx, &target.namespace, &target.name).lists(&tenant)
     });
-    let Some(source) = source.filter(|_| granted) else {
-        return match (bound, ctx.images.get(&ObjectRef::<Image>::new(&target.name).within(&target.namespace))) {
+    let Some(source) = source.clone().filter(|_| granted) else {
+        return match (bound, source) {
             (None, _) => not_shared(),
             // Once granted, the tenant may learn that the source went away, unless its grant
             // had gone first.

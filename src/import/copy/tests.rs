@@ -276,12 +276,12 @@ fn staging_names_are_exactly_what_object_store_does_not_list() {
 }
 
 #[test]
-fn the_root_of_a_file_store_is_found_even_with_odd_characters() {
+fn a_file_store_knows_its_directory_and_other_stores_have_none() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: dir.path().join("a b%c#ü") };
     let spec = RegionStorage { url: "file:///var/lib/ims/eu".into(), ..Default::default() };
     let store = RegionStore::open(&spec, &config, None).unwrap();
-    let expected = std::fs::canonicalize(dir.path().join("a b%c#ü/eu")).unwrap();
-    assert_eq!(local_root(store.object_store().as_ref()), Some(expected));
-    assert_eq!(local_root(&InMemory::new()), None);
+    assert_eq!(store.local_dir(), Some(dir.path().join("a b%c#ü/eu").as_path()));
+    let memory = RegionStore::from_object_store(Arc::new(InMemory::new()), "mem://x");
+    assert_eq!(memory.local_dir(), None);
 }
