@@ -829,7 +829,27 @@ fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>,
 // file
 // ---------------------------------------------------------------------------------------------
 
-async fn open_file(url: &str, policy: &FetchPolicy) -> Result<Source, FetchError> {
+/// A `file://` source, checked and opened: what [`open_local_file`] returns.
+#[derive(Debug)]
+pub struct LocalFile {
+    /// The open file, positioned at its start.
+    pub file: std::fs::File,
+    /// Its path, symlinks resolved.
+    pub path: PathBuf,
+    /// Its size when opened. Informational, as [`Source::content_length`]: the file may change.
+    pub len: u64,
+}
+
+/// Whether `url` is a `file:` URL (which [`open`] reads only with [`FetchPolicy::allow_file`]).
+pub fn is_file_url(url: &str) -> bool {
+    scheme_of(url.trim()).is_some_and(|s| s.eq_ignore_ascii_case("file"))
+}
+
+/// Checks a `file://` URL as [`open`] does (file imports allowed, an absolute path without
+/// `..`, under an allowed root after resolving symlinks, a regular file) and opens the file, for
+/// callers that copy it themselves.
+pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFile, FetchError> {
+    let url = url.trim();
     if !policy.allow_file {
         return Err(FetchError::FileDisabled);
     }
@@ -878,7 +898,13 @@ async fn open_file(url: &str, policy: &FetchPolicy) -> Result<Source, FetchError
     if !meta.is_file() {
         return Err(refuse(&canonical, "it is not a regular file"));
     }
-    let stream = futures::stream::unfold(Some((file, canonical)), |state| async move {
+    Ok(LocalFile { file: file.into_std().await, path: canonical, len: meta.len() })
+}
+
+async fn open_file(url: &str, policy: &FetchPolicy) -> Result<Source, FetchError> {
+    let LocalFile { file, path, len } = open_local_file(url, policy).await?;
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures::stream::unfold(Some((file, path)), |state| async move {
         let (mut file, path) = state?;
         match read_chunk(&mut file).await {
             Ok(chunk) if chunk.is_empty() => None,
@@ -886,7 +912,7 @@ async fn open_file(url: &str, policy: &FetchPolicy) -> Result<Source, FetchError
             Err(source) => Some((Err(FetchError::FileRead { path, source }), None)),
         }
     });
-    Ok(Source { content_length: Some(meta.len()), final_url: url.to_string(), stream: stream.boxed() })
+    Ok(Source { content_length: Some(len), final_url: url.to_string(), stream: stream.boxed() })
 }
 
 /// Reads up to [`FILE_CHUNK_SIZE`] bytes; shorter only at end of file.

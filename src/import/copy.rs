@@ -8,7 +8,7 @@ use futures::stream::{BoxStream, StreamExt};
 use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt, path::Path};
 
 use super::{
-    ImportError, Imported, Progress,
+    ImportError, Imported, Progress, local,
     pipeline::{self, Hashing, Upload},
     remove_failed, verify_format,
 };
@@ -37,11 +37,11 @@ pub struct CopyRequest<'a> {
 /// `sha256` — on a mismatch or any failure, nothing stays at `to_object` (delete it / abort the upload).
 /// Returns the `Imported` record (object, size, sha256, detected format via verify_format with DeclaredFormat::Auto).
 ///
-/// The sha256 is that of the bytes handed to the upload (the hasher and the upload share each
-/// chunk, no copy in between); the landed object is not read back, only its size is checked
-/// (`head`). Reading it back would cost a second full read of the destination (about +80% of the
-/// copy's time on a `file://` store, and a second transfer on S3; see docs/PERFORMANCE.md);
-/// [`hash_object`] does that when wanted.
+/// Between two `file://` stores the kernel copies and the sha256 is that of the landed bytes,
+/// read back from the page cache while the copy runs (`local`). Otherwise the sha256 is that of
+/// the bytes handed to the upload (the hasher and the upload share each chunk, no copy in
+/// between) and the landed object's size is checked (`head`); it is not read back, which on S3
+/// would be a second full GET. [`hash_object`] does that when wanted.
 ///
 /// Errors: the source object missing is [`ImportError::SourceGone`] (not transient); a hash
 /// that differs from `sha256` is [`ImportError::ChecksumMismatch`] (not transient); store
@@ -63,6 +63,9 @@ pub async fn copy(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<Im
 
 async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<(u64, String), ImportError> {
     let CopyRequest { from, from_object, to, to_object, sha256: expected } = request;
+    if let (Some(source), Some(dest)) = (from.local_file(from_object), to.local_file(to_object)) {
+        return file_store_to_file_store(request, &source, &dest, progress).await;
+    }
     let (size, mut stream) = open_object(from, from_object).await?;
     let mut upload = Upload::start(to.object_store().as_ref(), to_object, Some(size)).await?;
     let mut hashing = Hashing::start(false);
@@ -105,14 +108,57 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
         }));
     }
     (progress.report)(done, Some(done));
-    if !actual.eq_ignore_ascii_case(expected) {
-        return Err(ImportError::ChecksumMismatch {
-            algorithm: "sha256",
-            expected: expected.to_ascii_lowercase(),
-            actual,
-        });
+    check(expected, actual).map(|sha256| (size, sha256))
+}
+
+/// Between two `file://` stores: copied by the kernel, the landed bytes hashed (`local`), renamed
+/// into place once size and sha256 are right.
+async fn file_store_to_file_store(
+    request: CopyRequest<'_>,
+    source: &std::path::Path,
+    dest: &std::path::Path,
+    mut progress: Progress<'_>,
+) -> Result<(u64, String), ImportError> {
+    let CopyRequest { from, from_object, sha256: expected, .. } = request;
+    let file = match tokio::fs::File::open(source).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(source_gone(from, from_object)),
+        Err(e) => {
+            return Err(ImportError::Store(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: format!("opening {}: {e}", source.display()).into(),
+            }));
+        }
+    };
+    let size = file
+        .metadata()
+        .await
+        .map_err(|e| {
+            ImportError::Store(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: format!("reading the size of {}: {e}", source.display()).into(),
+            })
+        })?
+        .len();
+    let file = file.into_std().await;
+    let staged = local::copy_file(file, source, dest, size, false, Some(size), &mut progress).await?;
+    if staged.len != size {
+        let what = if staged.len < size { "ended early" } else { "is longer" };
+        return Err(changed_under_us(from, from_object, size, what));
     }
-    Ok((size, actual))
+    (progress.report)(size, Some(size));
+    let sha256 = check(expected, staged.digests.sha256.clone())?;
+    staged.commit().await?;
+    Ok((size, sha256))
+}
+
+/// `actual` when it is the `expected` sha256.
+fn check(expected: &str, actual: String) -> Result<String, ImportError> {
+    if actual.eq_ignore_ascii_case(expected) {
+        Ok(actual)
+    } else {
+        Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected: expected.to_ascii_lowercase(), actual })
+    }
 }
 
 fn changed_under_us(store: &RegionStore, object: &Path, size: u64, what: &str) -> ImportError {
@@ -136,13 +182,7 @@ async fn open_object(
 ) -> Result<(u64, BoxStream<'static, Result<Bytes, ImportError>>), ImportError> {
     let got = match store.object_store().get_opts(object, GetOptions::default()).await {
         Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(ImportError::SourceGone(format!(
-                "the source bytes are gone: {} is not in its region store (the source image was deleted, or its \
-                 bytes were removed); copy from an image that is Active",
-                store.object_url(object)
-            )));
-        }
+        Err(object_store::Error::NotFound { .. }) => return Err(source_gone(store, object)),
         Err(e) => return Err(e.into()),
     };
     let size = got.meta.size;
@@ -151,6 +191,14 @@ async fn open_object(
         GetResultPayload::Stream(stream) => stream.map(|chunk| chunk.map_err(ImportError::from)).boxed(),
     };
     Ok((size, stream))
+}
+
+fn source_gone(store: &RegionStore, object: &Path) -> ImportError {
+    ImportError::SourceGone(format!(
+        "the source bytes are gone: {} is not in its region store (the source image was deleted, or its bytes \
+         were removed); copy from an image that is Active",
+        store.object_url(object)
+    ))
 }
 
 /// Reads `object` back and hashes it, the way [`copy`] reads its source (read-ahead reader,

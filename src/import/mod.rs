@@ -4,7 +4,9 @@
 //!
 //! The bytes are hashed on their own threads (see `pipeline`), overlapped with the reads and
 //! the store writes: the hashers and the multipart upload share each chunk (`Bytes` clones, no
-//! copy). [`copy`] moves a stored object from one region store to another the same way.
+//! copy). [`copy()`] moves a stored object from one region store to another the same way. From a
+//! local file into a `file://` store, the kernel copies and the landed bytes are hashed (see
+//! `local`).
 
 use std::{
     sync::Arc,
@@ -22,6 +24,7 @@ use crate::{
 };
 
 mod copy;
+mod local;
 mod pipeline;
 
 pub use copy::{CopyRequest, copy, hash_object, sweep_abandoned, sweep_abandoned_older_than};
@@ -187,6 +190,11 @@ async fn stream_into(
     progress: Progress<'_>,
 ) -> Result<(u64, String), ImportError> {
     let Request { url, checksum, limit, .. } = request;
+    if fetch::is_file_url(url)
+        && let Some(dest) = store.local_file(object)
+    {
+        return file_into_file_store(url, &dest, checksum, limit, fetch_policy, progress).await;
+    }
     let source = fetch::open(url, fetch_policy).await?;
     if source.content_length.is_some_and(|len| len > limit) {
         return Err(ImportError::TooLarge { limit });
@@ -222,18 +230,51 @@ async fn stream_into(
     written?;
     let digests = digests?;
     (progress.report)(done, Some(done));
+    check(want, &digests).map(|sha256| (done, sha256))
+}
+
+/// A `file://` source into a `file://` store: copied by the kernel, the landed bytes hashed
+/// (`local`), renamed into place once size and checksum are right.
+async fn file_into_file_store(
+    url: &str,
+    dest: &std::path::Path,
+    checksum: Option<&str>,
+    limit: u64,
+    fetch_policy: &FetchPolicy,
+    mut progress: Progress<'_>,
+) -> Result<(u64, String), ImportError> {
+    let source = fetch::open_local_file(url, fetch_policy).await?;
+    if source.len > limit {
+        return Err(ImportError::TooLarge { limit });
+    }
+    let want = expected(checksum);
+    let sha512 = matches!(want, Some(Expected::Sha512(_)));
+    let staged =
+        local::copy_file(source.file, &source.path, dest, limit, sha512, Some(source.len), &mut progress).await?;
+    if staged.len > limit {
+        return Err(ImportError::TooLarge { limit });
+    }
+    let len = staged.len;
+    (progress.report)(len, Some(len));
+    let sha256 = check(want, &staged.digests)?;
+    staged.commit().await?;
+    Ok((len, sha256))
+}
+
+/// The sha256 of the bytes, when they match the expected checksum (if any).
+fn check(want: Option<Expected>, digests: &pipeline::Digests) -> Result<String, ImportError> {
     match want {
         Some(Expected::Sha256(expected)) if expected != digests.sha256 => {
-            Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected, actual: digests.sha256 })
+            Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected, actual: digests.sha256.clone() })
         }
         Some(Expected::Sha512(expected)) => {
-            let actual = digests.sha512.unwrap_or_default();
+            let actual = digests.sha512.clone().unwrap_or_default();
             if expected != actual {
                 return Err(ImportError::ChecksumMismatch { algorithm: "sha512", expected, actual });
             }
-            Ok((done, digests.sha256))
+            Ok(digests.sha256.clone())
         }
-        _ => Ok((done, digests.sha256)),
+        _ => Ok(digests.sha256.clone()),
     }
 }
 

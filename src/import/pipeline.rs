@@ -73,6 +73,7 @@ struct Worker {
 }
 
 /// What [`Hashing`] computed: lower-case hex.
+#[derive(Debug)]
 pub(crate) struct Digests {
     pub(crate) sha256: String,
     pub(crate) sha512: Option<String>,

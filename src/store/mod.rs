@@ -83,6 +83,8 @@ pub struct RegionStore {
     base: Path,
     /// For file stores: the directory on this machine.
     dir: Option<PathBuf>,
+    /// For file stores: the same store as `store`, for mapping objects to files.
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 impl RegionStore {
@@ -134,15 +136,23 @@ impl RegionStore {
         std::fs::create_dir_all(&dir).map_err(|e| {
             StoreError::InvalidSpec(format!("cannot create the store directory {}: {e}", dir.display()))
         })?;
-        let local = LocalFileSystem::new_with_prefix(&dir)
-            .map_err(StoreError::backend(format!("open {}", dir.display())))?
-            .with_automatic_cleanup(true);
-        Ok(RegionStore { store: Arc::new(local), url: url.to_string(), base: Path::default(), dir: Some(dir) })
+        let local = Arc::new(
+            LocalFileSystem::new_with_prefix(&dir)
+                .map_err(StoreError::backend(format!("open {}", dir.display())))?
+                .with_automatic_cleanup(true),
+        );
+        Ok(RegionStore {
+            store: local.clone(),
+            url: url.to_string(),
+            base: Path::default(),
+            dir: Some(dir),
+            local: Some(local),
+        })
     }
 
     /// A store over any `ObjectStore` (tests).
     pub fn from_object_store(store: Arc<dyn ObjectStore>, url: &str) -> Self {
-        RegionStore { store, url: url.to_string(), base: Path::default(), dir: None }
+        RegionStore { store, url: url.to_string(), base: Path::default(), dir: None, local: None }
     }
 
     /// The store URL.
@@ -158,6 +168,11 @@ impl RegionStore {
     /// For file stores: the directory on this machine that holds the objects.
     pub fn local_dir(&self) -> Option<&std::path::Path> {
         self.dir.as_deref()
+    }
+
+    /// For file stores: the file that holds `object` (whether or not it exists yet).
+    pub fn local_file(&self, object: &Path) -> Option<PathBuf> {
+        self.local.as_ref()?.path_to_filesystem(object).ok()
     }
 
     /// Prefix of an image's objects: `<namespace>/<name>/<uid>`.
