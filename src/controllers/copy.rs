@@ -117,20 +117,8 @@ async fn announce(ctx: &Context, copy: &ImageCopy, desired: &ImageCopyStatus) {
         return;
     }
     let Some(ready) = desired.conditions.iter().find(|c| c.type_ == "Ready") else { return };
-    let event = kube::runtime::events::Event {
-        type_: if desired.phase == Some(CopyPhase::Failed) {
-            kube::runtime::events::EventType::Warning
-        } else {
-            kube::runtime::events::EventType::Normal
-        },
-        reason: ready.reason.clone(),
-        note: Some(ready.message.chars().take(1000).collect()),
-        action: "Copy".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &copy.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
+    let warning = desired.phase == Some(CopyPhase::Failed);
+    ctx.publish_event(&copy.object_ref(&()), warning, ready.reason.clone(), &ready.message, "Copy").await;
 }
 
 /// Why a copy waits or fails before its destination exists: (phase, reason, message).

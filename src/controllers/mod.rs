@@ -106,6 +106,29 @@ pub struct Context {
 }
 
 impl Context {
+    /// Publishes an Event about `object` (the note cut to 1000 characters). A failure is logged:
+    /// Events are for people and never fail a reconcile.
+    async fn publish_event(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        warning: bool,
+        reason: String,
+        note: &str,
+        action: &str,
+    ) {
+        use kube::runtime::events::{Event, EventType};
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason,
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, object).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+
     fn cached_probe(&self, region: &str, generation: Option<i64>) -> Option<Probe> {
         let probes = self.probes.lock().ok()?;
         let (g, at, probe) = probes.get(region)?;

@@ -123,10 +123,7 @@ async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, 
 /// An Event for the owner when the share's Ready reason changes (refused, member invalid,
 /// shared), and one per member that was revoked; requeues that change nothing publish nothing.
 async fn announce(ctx: &Context, share: &ImageShare, desired: &ImageShareStatus) {
-    use kube::{
-        Resource,
-        runtime::events::{Event, EventType},
-    };
+    use kube::Resource;
     let ready = |s: Option<&ImageShareStatus>| {
         s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).map(|c| (c.status.clone(), c.reason.clone()))
     };
@@ -134,30 +131,20 @@ async fn announce(ctx: &Context, share: &ImageShare, desired: &ImageShareStatus)
     if ready(Some(desired)) != ready(share.status.as_ref())
         && let Some(c) = desired.conditions.iter().find(|c| c.type_ == "Ready")
     {
-        let type_ = if c.status == "True" { EventType::Normal } else { EventType::Warning };
-        events.push((type_, c.reason.clone(), c.message.clone()));
+        events.push((c.status != "True", c.reason.clone(), c.message.clone()));
     }
     let old = share.status.clone().unwrap_or_default();
     for m in desired.members.iter().filter(|m| m.state == MemberState::Revoked) {
         if !old.members.iter().any(|o| o.tenant == m.tenant && o.state == MemberState::Revoked) {
             events.push((
-                EventType::Normal,
+                false,
                 "ShareRevoked".into(),
                 format!("stopped sharing with {}: its references are Unavailable", m.tenant),
             ));
         }
     }
-    for (type_, reason, note) in events {
-        let event = Event {
-            type_,
-            reason,
-            note: Some(note.chars().take(1000).collect()),
-            action: "Share".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &share.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
+    for (warning, reason, note) in events {
+        ctx.publish_event(&share.object_ref(&()), warning, reason, &note, "Share").await;
     }
 }
 

@@ -40,9 +40,9 @@ pub const DEFAULT_MAX_REDIRECTS: usize = 5;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`FetchPolicy::read_timeout`].
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// Size of the chunks a `file://` source is streamed in. 256 KiB chunks stay in the CPU caches
-/// while an import hashes and stores them; 1 MiB chunks made imports ~1.6x slower (see
-/// docs/PERFORMANCE.md).
+/// Size of the chunks a `file://` source is streamed in (when it is streamed: into a `file://`
+/// store the import copies the file in the kernel instead). 256 KiB chunks stay in the CPU
+/// caches while an import hashes and stores them; 1 MiB chunks were slower (docs/PERFORMANCE.md).
 pub const FILE_CHUNK_SIZE: usize = 256 * 1024;
 
 const USER_AGENT: &str = "ims-operator";

@@ -8,7 +8,7 @@ use futures::stream::{BoxStream, StreamExt};
 use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt, path::Path};
 
 use super::{
-    ImportError, Imported, Progress, local,
+    Expected, ImportError, Imported, Progress, check, local,
     pipeline::{self, Hashing, Upload},
     remove_failed, verify_format,
 };
@@ -67,7 +67,7 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
         return file_store_to_file_store(request, &source, &dest, progress).await;
     }
     let (size, mut stream) = open_object(from, from_object).await?;
-    let mut upload = Upload::start(to.object_store().as_ref(), to_object, Some(size)).await?;
+    let mut upload = Upload::start(to, to_object, Some(size)).await?;
     let mut hashing = Hashing::start(false);
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
@@ -86,7 +86,7 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
             }
         }
         if done < size {
-            return Err(changed_under_us(from, from_object, size, "ended early"));
+            return Err(changed_under_us(from, from_object, size, "is shorter"));
         }
         Ok(())
     }
@@ -98,7 +98,7 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
     }
     let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
     written?;
-    let actual = digests?.sha256;
+    let digests = digests?;
     let landed = to.object_store().head(to_object).await?.size;
     if landed != size {
         return Err(ImportError::Store(object_store::Error::Generic {
@@ -108,7 +108,7 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
         }));
     }
     (progress.report)(done, Some(done));
-    check(expected, actual).map(|sha256| (size, sha256))
+    check(expect_sha256(expected), &digests).map(|sha256| (size, sha256))
 }
 
 /// Between two `file://` stores: copied by the kernel, the landed bytes hashed (`local`), renamed
@@ -123,42 +123,28 @@ async fn file_store_to_file_store(
     let file = match tokio::fs::File::open(source).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(source_gone(from, from_object)),
-        Err(e) => {
-            return Err(ImportError::Store(object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: format!("opening {}: {e}", source.display()).into(),
-            }));
-        }
+        Err(e) => return Err(local::store_error(format!("opening {}: {e}", source.display()))),
     };
     let size = file
         .metadata()
         .await
-        .map_err(|e| {
-            ImportError::Store(object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: format!("reading the size of {}: {e}", source.display()).into(),
-            })
-        })?
+        .map_err(|e| local::store_error(format!("reading the size of {}: {e}", source.display())))?
         .len();
     let file = file.into_std().await;
     let staged = local::copy_file(file, source, dest, size, false, Some(size), &mut progress).await?;
     if staged.len != size {
-        let what = if staged.len < size { "ended early" } else { "is longer" };
+        let what = if staged.len < size { "is shorter" } else { "is longer" };
         return Err(changed_under_us(from, from_object, size, what));
     }
     (progress.report)(size, Some(size));
-    let sha256 = check(expected, staged.digests.sha256.clone())?;
+    let sha256 = check(expect_sha256(expected), &staged.digests)?;
     staged.commit().await?;
     Ok((size, sha256))
 }
 
-/// `actual` when it is the `expected` sha256.
-fn check(expected: &str, actual: String) -> Result<String, ImportError> {
-    if actual.eq_ignore_ascii_case(expected) {
-        Ok(actual)
-    } else {
-        Err(ImportError::ChecksumMismatch { algorithm: "sha256", expected: expected.to_ascii_lowercase(), actual })
-    }
+/// What a copy's bytes must hash to: the source image's sha256 (any case).
+fn expect_sha256(sha256: &str) -> Option<Expected> {
+    Some(Expected::Sha256(sha256.to_ascii_lowercase()))
 }
 
 fn changed_under_us(store: &RegionStore, object: &Path, size: u64, what: &str) -> ImportError {
@@ -214,7 +200,7 @@ pub async fn hash_object(store: &RegionStore, object: &Path) -> Result<(u64, Str
         hashing.feed(&chunk).await?;
     }
     if done != size {
-        return Err(changed_under_us(store, object, size, if done < size { "ended early" } else { "is longer" }));
+        return Err(changed_under_us(store, object, size, if done < size { "is shorter" } else { "is longer" }));
     }
     Ok((size, hashing.finish().await?.sha256))
 }

@@ -269,7 +269,8 @@ fn remove_quietly(path: &Path) {
     }
 }
 
-fn store_error(message: String) -> ImportError {
+/// A failure of a `file://` store (transient), saying what was being done.
+pub(crate) fn store_error(message: String) -> ImportError {
     ImportError::Store(object_store::Error::Generic { store: "LocalFileSystem", source: message.into() })
 }
 

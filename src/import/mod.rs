@@ -200,7 +200,7 @@ async fn stream_into(
         return Err(ImportError::TooLarge { limit });
     }
     let want = expected(checksum);
-    let mut upload = pipeline::Upload::start(store.object_store().as_ref(), object, source.content_length).await?;
+    let mut upload = pipeline::Upload::start(store, object, source.content_length).await?;
     let mut hashing = pipeline::Hashing::start(matches!(want, Some(Expected::Sha512(_))));
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
@@ -346,6 +346,20 @@ fn declared_format(declared: DeclaredFormat) -> Option<Format> {
         DeclaredFormat::Vdi => Format::Vdi,
         DeclaredFormat::Iso => Format::Iso,
     })
+}
+
+/// Non-zero pseudo-random bytes (xorshift64), for the tests of this module and its children.
+#[cfg(test)]
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -13,11 +13,12 @@ use std::{
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart, path::Path};
+use object_store::{ObjectStoreExt, WriteMultipart, path::Path};
 use sha2::{Digest, Sha256, Sha512};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{ImportError, PART_SIZE, hex};
+use crate::store::RegionStore;
 
 /// Most parts of one upload being written at a time. With the part being filled, an upload
 /// buffers at most `(PARTS_IN_FLIGHT + 1) * part size`: 48 MiB at [`PART_SIZE`], 3 MiB at
@@ -42,12 +43,6 @@ const HASH_BATCHES_QUEUED: usize = 4;
 /// Chunk size and read-ahead (in chunks) of [`file_stream`].
 pub(crate) const FILE_READ_CHUNK: usize = 256 << 10;
 const FILE_READ_AHEAD: usize = 4;
-
-/// Whether `store` is object_store's `LocalFileSystem` (a `file://` region), from how it shows
-/// itself: `LocalFileSystem(file:///dir/)`.
-pub(crate) fn is_local_file_system(store: &dyn ObjectStore) -> bool {
-    store.to_string().starts_with("LocalFileSystem(")
-}
 
 /// The part size for an upload of `expected` bytes to a store other than a `file://` one:
 /// [`PART_SIZE`], or more when that would need more than 10,000 parts (S3's limit: 156 GiB at
@@ -163,13 +158,9 @@ pub(crate) struct Upload {
 
 impl Upload {
     /// Starts an upload of about `expected` bytes (when known) to `object`.
-    pub(crate) async fn start(
-        store: &dyn ObjectStore,
-        object: &Path,
-        expected: Option<u64>,
-    ) -> Result<Self, ImportError> {
-        let part = if is_local_file_system(store) { LOCAL_PART_SIZE } else { part_size(expected) };
-        let upload = store.put_multipart(object).await?;
+    pub(crate) async fn start(store: &RegionStore, object: &Path, expected: Option<u64>) -> Result<Self, ImportError> {
+        let part = if store.local_dir().is_some() { LOCAL_PART_SIZE } else { part_size(expected) };
+        let upload = store.object_store().put_multipart(object).await?;
         Ok(Upload { writer: WriteMultipart::new_with_chunk_size(upload, part) })
     }
 
@@ -273,14 +264,6 @@ mod tests {
         assert_eq!(tib, 105 * mib, "1 TiB takes 105 MiB parts");
         assert!(tib * MAX_PARTS >= 1 << 40);
         assert_eq!(part_size(Some(u64::MAX)) as u64, MAX_PART_SIZE);
-    }
-
-    #[test]
-    fn file_stores_are_told_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
-        assert!(is_local_file_system(&local));
-        assert!(!is_local_file_system(&object_store::memory::InMemory::new()));
     }
 
     #[tokio::test]

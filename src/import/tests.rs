@@ -147,15 +147,7 @@ async fn failures_leave_nothing_in_the_store_and_say_why() {
 async fn a_multi_part_import_hashes_both_digests_and_reports_progress() {
     let f = Fixture::new();
     // Two upload parts and more, in many source chunks.
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let bytes: Vec<u8> = (0..PART_SIZE + 5 * fetch::FILE_CHUNK_SIZE + 3)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let bytes = noise(PART_SIZE + 5 * fetch::FILE_CHUNK_SIZE + 3);
     std::fs::write(f.source("big.raw"), &bytes).unwrap();
     let checksum = format!("sha512:{}", hex(&Sha512::digest(&bytes)));
     let url = format!("file://{}", f.source("big.raw").display());

@@ -109,20 +109,8 @@ async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
     }
     let Some((phase, reason)) = now else { return };
     let warning = matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == "QuotaExceeded";
-    let event = kube::runtime::events::Event {
-        type_: if warning {
-            kube::runtime::events::EventType::Warning
-        } else {
-            kube::runtime::events::EventType::Normal
-        },
-        reason,
-        note: desired.message.clone().map(|m| m.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &image.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
+    let note = desired.message.as_deref().unwrap_or_default();
+    ctx.publish_event(&image.object_ref(&()), warning, reason, note, "Reconcile").await;
 }
 
 async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Action, Error> {

@@ -7,7 +7,7 @@ use super::*;
 use crate::{
     api::RegionStorage,
     format::Format,
-    import::{PART_SIZE, hex},
+    import::{PART_SIZE, hex, noise},
     store::StoreConfig,
 };
 
@@ -49,19 +49,6 @@ impl Regions {
 
 fn object(store: &RegionStore, uid: &str) -> Path {
     store.image_prefix("t", "img", uid).join("disk")
-}
-
-/// Non-zero pseudo-random bytes.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1
-        })
-        .collect()
 }
 
 fn sha256(bytes: &[u8]) -> String {

@@ -1,18 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-
-fn data(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::import::noise;
 
 fn staging_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -40,7 +29,7 @@ async fn run(source: &Path, dest: &Path, max: u64, sha512: bool) -> Copied {
 #[tokio::test]
 async fn the_landed_bytes_are_hashed_and_appear_only_when_committed() {
     let dir = tempfile::tempdir().unwrap();
-    let bytes = data(2 * STEP as usize + 12_345);
+    let bytes = noise(2 * STEP as usize + 12_345);
     let source = dir.path().join("source.img");
     std::fs::write(&source, &bytes).unwrap();
     let dest = dir.path().join("store/ns/image/uid/image");
@@ -63,7 +52,7 @@ async fn the_landed_bytes_are_hashed_and_appear_only_when_committed() {
 async fn a_copy_not_committed_leaves_nothing_and_staging_names_do_not_collide() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
-    std::fs::write(&source, data(100_000)).unwrap();
+    std::fs::write(&source, noise(100_000)).unwrap();
     let dest = dir.path().join("store/image");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     std::fs::write(dir.path().join("store/image#1"), b"another upload's").unwrap();
@@ -80,7 +69,7 @@ async fn a_copy_not_committed_leaves_nothing_and_staging_names_do_not_collide() 
 async fn a_source_over_the_limit_is_copied_one_byte_past_it_and_no_further() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
-    let bytes = data(3 * STEP as usize);
+    let bytes = noise(3 * STEP as usize);
     std::fs::write(&source, &bytes).unwrap();
     let dest = dir.path().join("store/image");
 
@@ -110,7 +99,8 @@ async fn an_unwritable_store_is_a_store_error_naming_the_directory() {
     std::fs::write(dir.path().join("store"), b"").unwrap();
     let err = run(&source, &dir.path().join("store/image"), u64::MAX, false).await.result.unwrap_err();
     assert!(matches!(err, ImportError::Store(_)), "{err:?}");
-    assert!(err.to_string().contains("store"), "{err}");
+    let blocked = dir.path().join("store").display().to_string();
+    assert!(err.to_string().contains(&format!("creating {blocked}")), "{err}");
     assert!(err.is_transient());
 }
 
@@ -118,7 +108,7 @@ async fn an_unwritable_store_is_a_store_error_naming_the_directory() {
 async fn dropping_the_copy_midway_stops_it_and_removes_the_staging_file() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
-    std::fs::write(&source, data(8 * STEP as usize)).unwrap();
+    std::fs::write(&source, noise(8 * STEP as usize)).unwrap();
     let store = dir.path().join("store");
     let dest = store.join("image");
     let mut report = |_, _| {};
