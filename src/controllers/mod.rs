@@ -103,6 +103,75 @@ pub struct Context {
     pub backoff: Backoff,
     /// Resolves when the operator shuts down: byte moves in flight stop.
     pub stopping: Shutdown,
+    /// Byte moves in flight; the Image watch stops the one whose image is being deleted.
+    pub moves: Arc<Moves>,
+}
+
+/// Byte moves in flight, by image uid. The Image watch tells a move when its image is being
+/// deleted or is gone, so a move waits on that instead of polling the cache.
+#[derive(Default)]
+pub struct Moves(Mutex<HashMap<String, Arc<tokio::sync::Notify>>>);
+
+impl Moves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Notify>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a move of the image with `uid`, until the returned guard is dropped.
+    pub fn start(self: &Arc<Self>, uid: &str) -> Moving {
+        let deleted = Arc::new(tokio::sync::Notify::new());
+        self.lock().insert(uid.to_string(), deleted.clone());
+        Moving { moves: self.clone(), uid: uid.to_string(), deleted }
+    }
+
+    /// The image with `uid` is being deleted, or is gone.
+    fn image_deleted(&self, uid: &str) {
+        if let Some(deleted) = self.lock().get(uid) {
+            // Stores a permit when nobody waits yet (between two disks), so it is not lost.
+            deleted.notify_one();
+        }
+    }
+
+    /// The Image watch's part: a deletion timestamp or a delete, and after a re-list (which
+    /// reports no deletes) every moving image that is no longer there.
+    fn on_image_event(&self, event: &watcher::Event<Image>, store: &Store<Image>) {
+        match event {
+            watcher::Event::Apply(image) | watcher::Event::InitApply(image)
+                if image.metadata.deletion_timestamp.is_some() =>
+            {
+                self.image_deleted(&image.uid().unwrap_or_default());
+            }
+            watcher::Event::Delete(image) => self.image_deleted(&image.uid().unwrap_or_default()),
+            watcher::Event::InitDone => {
+                let present: std::collections::HashSet<String> = store.state().iter().filter_map(|i| i.uid()).collect();
+                let gone: Vec<String> = self.lock().keys().filter(|uid| !present.contains(*uid)).cloned().collect();
+                for uid in gone {
+                    self.image_deleted(&uid);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One registered byte move (see [`Moves::start`]).
+pub struct Moving {
+    moves: Arc<Moves>,
+    uid: String,
+    deleted: Arc<tokio::sync::Notify>,
+}
+
+impl Moving {
+    /// Resolves when the Image watch reports the image deleted (or gone).
+    pub async fn deleted(&self) {
+        self.deleted.notified().await;
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        self.moves.lock().remove(&self.uid);
+    }
 }
 
 impl Context {
@@ -240,12 +309,19 @@ where
 /// Queues of objects to reconcile because something they depend on changed.
 #[derive(Clone)]
 struct Triggers {
+    regions: mpsc::UnboundedSender<ObjectRef<Region>>,
     images: mpsc::UnboundedSender<ObjectRef<Image>>,
     shares: mpsc::UnboundedSender<ObjectRef<ImageShare>>,
     copies: mpsc::UnboundedSender<ObjectRef<ImageCopy>>,
 }
 
 impl Triggers {
+    fn regions(&self, refs: Vec<ObjectRef<Region>>) {
+        for r in refs {
+            let _ = self.regions.unbounded_send(r);
+        }
+    }
+
     fn images(&self, refs: Vec<ObjectRef<Image>>) {
         for r in refs {
             let _ = self.images.unbounded_send(r);
@@ -277,6 +353,8 @@ struct Indexes {
 /// image), or the shares of its source (a reference: acceptance); a copy's destination re-runs
 /// its ImageCopy.
 fn image_changed(image: &Image, ix: &Indexes, t: &Triggers) {
+    // Its region recounts its images and bytes (from the cache, which already has this change).
+    t.regions(vec![ObjectRef::new(&image.spec.region)]);
     let Some(namespace) = image.namespace() else { return };
     let name = image.name_any();
     if let Some((source_ns, source)) = index::reference_target(image) {
@@ -365,15 +443,24 @@ pub async fn run(
         shares_of: shares_of.clone(),
         copies_of: index::Index::new(index::image_copy_target),
     });
+    let (region_tx, region_rx) = mpsc::unbounded();
     let (image_tx, image_rx) = mpsc::unbounded();
     let (share_tx, share_rx) = mpsc::unbounded();
     let (copy_tx, copy_rx) = mpsc::unbounded();
-    let triggers = Triggers { images: image_tx, shares: share_tx, copies: copy_tx };
+    let triggers = Triggers { regions: region_tx, images: image_tx, shares: share_tx, copies: copy_tx };
+    let moves = Arc::new(Moves::default());
     let (images, images_task) = reflect::<Image>(&client, {
-        let (ix, t) = (ix.clone(), triggers.clone());
+        let (ix, t, moves) = (ix.clone(), triggers.clone(), moves.clone());
         move |event, store| {
+            moves.on_image_event(event, store);
             on_event(event, store, &ix.copy_images, |_| {});
             on_event(event, store, &ix.references, |i| image_changed(i, &ix, &t));
+            if let watcher::Event::InitDone = event {
+                // A re-list reports no deletes: every region recounts.
+                let regions: std::collections::BTreeSet<String> =
+                    store.state().iter().map(|i| i.spec.region.clone()).collect();
+                t.regions(regions.iter().map(|r| ObjectRef::new(r)).collect());
+            }
         }
     });
     let (copies, copies_task) = reflect::<ImageCopy>(&client, {
@@ -473,6 +560,7 @@ pub async fn run(
         stores: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
         stopping: shutdown.clone(),
+        moves,
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter {
@@ -482,7 +570,7 @@ pub async fn run(
         ),
     });
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
-        Box::pin(region::run(ctx.clone(), shutdown.clone())),
+        Box::pin(region::run(ctx.clone(), region_rx, shutdown.clone())),
         Box::pin(image::run(ctx.clone(), image_rx, shutdown.clone())),
         Box::pin(share::run(ctx.clone(), share_rx, shutdown.clone())),
         Box::pin(copy::run(ctx.clone(), copy_rx, shutdown.clone())),
@@ -508,5 +596,54 @@ mod tests {
         assert_eq!(b.next("ns/b"), Backoff::BASE, "keys are independent");
         b.reset("ns/a");
         assert_eq!(b.next("ns/a"), Backoff::BASE);
+    }
+
+    fn image(uid: &str, deleting: bool) -> Image {
+        let spec =
+            serde_json::from_value(serde_json::json!({"region": "r", "source": {"url": {"url": "https://x/y"}}}));
+        let mut image = Image::new(uid, spec.unwrap());
+        image.metadata.namespace = Some("t".into());
+        image.metadata.uid = Some(uid.into());
+        if deleting {
+            image.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        }
+        image
+    }
+
+    async fn told(moving: &Moving) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), moving.deleted()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_move_hears_of_its_image_being_deleted_or_gone_after_a_relist() {
+        let (store, mut writer) = reflector::store::<Image>();
+        let moves = Arc::new(Moves::default());
+        let (a, b, c) = (moves.start("a"), moves.start("b"), moves.start("c"));
+        for uid in ["a", "b", "c"] {
+            writer.apply_watcher_event(&watcher::Event::Apply(image(uid, false)));
+        }
+
+        // An update that does not delete tells nobody.
+        moves.on_image_event(&watcher::Event::Apply(image("a", false)), &store);
+        assert!(!told(&a).await);
+        // A deletion timestamp tells that image's move, and only it; told before it waits.
+        moves.on_image_event(&watcher::Event::Apply(image("a", true)), &store);
+        assert!(!told(&b).await);
+        assert!(told(&a).await);
+        // A delete event.
+        moves.on_image_event(&watcher::Event::Delete(image("b", false)), &store);
+        assert!(told(&b).await);
+        // A re-list reports no deletes: the moves whose image is not in the new list are told.
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(image("a", true)));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        moves.on_image_event(&watcher::Event::InitDone, &store);
+        assert!(told(&c).await);
+
+        // A finished move is forgotten.
+        drop(c);
+        assert!(!moves.lock().contains_key("c"));
+        assert_eq!(moves.lock().len(), 2);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
@@ -12,7 +12,7 @@ use kube::{
 
 use super::{Context, Error, Shutdown, status};
 use crate::{
-    api::{Image, Region},
+    api::Region,
     policy::region::{self, Probe},
     store::{RegionStore, S3Credentials, StoreError},
 };
@@ -22,17 +22,16 @@ pub const MANAGER: &str = "ims-operator/region";
 /// How often a Ready region is probed again.
 pub const REPROBE: Duration = Duration::from_secs(300);
 
-/// Runs the Region controller until shutdown.
-pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+/// Runs the Region controller until shutdown; `triggers` re-run the regions whose images changed
+/// (sent by the shared Image watch after its cache has the change, so the recount sees it).
+pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region>>, shutdown: Shutdown) {
     let client = ctx.client.clone();
     let regions = ctx.regions.clone();
     // A Secret created or rotated after its Region re-probes the Regions that name it (only the
     // operator's namespace is watched: the Role grants no more).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.config.operator_namespace);
     Controller::new(Api::<Region>::all(client.clone()), watcher::Config::default())
-        .watches(Api::<Image>::all(client), watcher::Config::default(), |image| {
-            Some(ObjectRef::<Region>::new(&image.spec.region))
-        })
+        .reconcile_on(triggers)
         .watches(secrets, watcher::Config::default().any_semantic(), move |secret: Secret| {
             let name = secret.name_any();
             regions

@@ -109,16 +109,11 @@ fn disk_status(index: usize, part: &Part, store: &RegionStore, imported: &Import
     }
 }
 
-/// Resolves when the image is being deleted (seen in the cache): a move in flight stops.
-async fn deleted(ctx: &Context, image: &Image) {
-    let at = kube::runtime::reflector::ObjectRef::from_obj(image);
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        match ctx.images.get(&at) {
-            Some(now) if now.metadata.uid == image.metadata.uid && now.metadata.deletion_timestamp.is_none() => {}
-            _ => return,
-        }
-    }
+/// Whether the cache already shows the image deleted, or deleting: a move that registers after
+/// the Image watch reported it would wait in vain.
+fn deleted_already(ctx: &Context, image: &Image) -> bool {
+    let now = ctx.images.get(&kube::runtime::reflector::ObjectRef::from_obj(image));
+    !now.is_some_and(|now| now.metadata.uid == image.metadata.uid && now.metadata.deletion_timestamp.is_none())
 }
 
 /// A progress snapshot: bytes done over all disks, the total when known, the disks stored.
@@ -190,9 +185,13 @@ pub async fn import_all(
     let mut disks: Vec<DiskStatus> = Vec::new();
     let mut before: u64 = 0;
     let mut failure = None;
-    let mut cancelled = false;
+    let moving = ctx.moves.start(&image.uid().unwrap_or_default());
+    let mut cancelled = deleted_already(ctx, image);
     let mut stopped = false;
     for (index, part) in parts.iter().enumerate() {
+        if cancelled {
+            break;
+        }
         let object = prefix.clone().join(part.object_name(index).as_str());
         let shown = disks.clone();
         let sender = tx.clone();
@@ -222,7 +221,7 @@ pub async fn import_all(
         };
         let result = tokio::select! {
             result = moved => result,
-            () = deleted(ctx, image) => {
+            () = moving.deleted() => {
                 cancelled = true;
                 break;
             }
