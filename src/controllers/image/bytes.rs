@@ -53,10 +53,16 @@ pub enum From {
 
 impl Part {
     fn object_name(&self, index: usize) -> String {
-        match self.role {
-            None => "disk".into(),
-            Some(_) => format!("disk-{index}"),
-        }
+        object_name(self.role, index)
+    }
+}
+
+/// The object of disk `index` under an image's prefix: `disk` for a single-disk image (no role),
+/// `disk-<index>` for a FullServer's disks.
+pub fn object_name(role: Option<DiskRole>, index: usize) -> String {
+    match role {
+        None => "disk".into(),
+        Some(_) => format!("disk-{index}"),
     }
 }
 

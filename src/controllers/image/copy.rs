@@ -4,7 +4,7 @@
 
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
 
-use super::bytes::{From, Part};
+use super::bytes::{From, Part, object_name};
 use crate::{
     api::{DiskRole, Image, ImagePhase, ImageType, Lineage},
     controllers::Context,
@@ -25,8 +25,8 @@ pub struct Plan {
     pub lineage: Lineage,
     /// `(namespace, name, uid)` of the image whose store prefix holds the bytes.
     origin: (String, String, String),
-    /// `(object name, role, sha256, size)` of every object to move.
-    objects: Vec<(String, Option<DiskRole>, String, i64)>,
+    /// `(disk index, role, sha256, size)` of every object to move.
+    objects: Vec<(usize, Option<DiskRole>, String, i64)>,
 }
 
 impl Plan {
@@ -36,11 +36,11 @@ impl Plan {
         let prefix = from.image_prefix(namespace, name, uid);
         self.objects
             .iter()
-            .map(|(file, role, sha256, _)| Part {
+            .map(|(index, role, sha256, _)| Part {
                 role: *role,
                 from: From::Object {
                     store: from.clone(),
-                    object: prefix.clone().join(file.as_str()),
+                    object: prefix.clone().join(object_name(*role, *index).as_str()),
                     sha256: sha256.clone(),
                 },
             })
@@ -125,7 +125,7 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
     }
     let objects = if status.disks.is_empty() {
         let sha256 = status.checksum.as_ref().map(|c| c.sha256.clone()).unwrap_or_default();
-        vec![("disk".to_string(), None, sha256, size)]
+        vec![(0, None, sha256, size)]
     } else {
         status
             .disks
@@ -133,7 +133,7 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
             .map(|d| {
                 let role = if d.role == "Data" { DiskRole::Data } else { DiskRole::System };
                 (
-                    format!("disk-{}", d.index),
+                    usize::try_from(d.index).unwrap_or_default(),
                     Some(role),
                     d.sha256.clone().unwrap_or_default(),
                     d.size_bytes.unwrap_or(0),
