@@ -226,8 +226,13 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
     }
     let dest_name = &copy.spec.destination.name;
     let images: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
-    let dest = ctx.images.get(&ObjectRef::<Image>::new(dest_name).within(&namespace));
     let created = copy.status.as_ref().and_then(|s| s.destination_image.as_ref()).is_some();
+    let dest = match ctx.images.get(&ObjectRef::<Image>::new(dest_name).within(&namespace)) {
+        // The Image watch may not have delivered the destination this copy just created (the
+        // copy's own status write can re-run it first): ask the API server before calling it gone.
+        None if created => images.get_opt(dest_name).await?.map(Arc::new),
+        cached => cached,
+    };
     match dest {
         Some(dest) if !is_mine(&dest, &copy) => {
             let message = format!(
@@ -381,4 +386,53 @@ fn error_policy(copy: Arc<ImageCopy>, err: &Error, ctx: Arc<Context>) -> Action 
     tracing::warn!(copy = %copy.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
     let key = format!("copy/{}/{}", copy.namespace().unwrap_or_default(), copy.name_any());
     Action::requeue(ctx.backoff.next(&key).min(Duration::from_secs(60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::{Patch, PatchParams};
+    use serde_json::json;
+
+    use super::*;
+    use crate::embedded::ApiServer;
+
+    fn ready(copy: &ImageCopy) -> (Option<CopyPhase>, String) {
+        let status = copy.status.clone().unwrap_or_default();
+        let reason = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
+        (status.phase, reason.unwrap_or_default())
+    }
+
+    /// The copy's own status write can re-run it before the Image watch has delivered the
+    /// destination it just created: a destination missing from the cache is not yet gone.
+    #[tokio::test]
+    async fn a_destination_the_cache_has_not_seen_yet_is_not_taken_for_deleted() {
+        let server = ApiServer::new();
+        let client = server.client();
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}});
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        namespaces.create(&PostParams::default(), &serde_json::from_value(ns).unwrap()).await.unwrap();
+        let copies: Api<ImageCopy> = Api::namespaced(client.clone(), "t");
+        let images: Api<Image> = Api::namespaced(client.clone(), "t");
+        let copy = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy", "metadata": {"name": "c"},
+            "spec": {"source": "src", "destination": {"region": "b", "name": "dst"}}});
+        let copy = copies.create(&PostParams::default(), &serde_json::from_value(copy).unwrap()).await.unwrap();
+        let copying = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy",
+            "status": {"phase": "Copying", "destinationImage": "dst"}});
+        let pp = PatchParams::apply(MANAGER).force();
+        copies.patch_status("c", &pp, &Patch::Apply(copying)).await.unwrap();
+        let dest = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image",
+            "metadata": {"name": "dst", "labels": {COPY_UID_LABEL: copy.uid().unwrap()}},
+            "spec": {"region": "b", "type": "DataDisk", "source": {"copy": {"name": "src"}}}});
+        images.create(&PostParams::default(), &serde_json::from_value(dest).unwrap()).await.unwrap();
+        // Empty caches: nothing feeds them in this test.
+        let ctx = Context::for_test(client);
+
+        apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
+        assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Copying), "Copying".into()));
+
+        // Once the API server says it is gone, it is.
+        images.delete("dst", &DeleteParams::default()).await.unwrap();
+        apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
+        assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Failed), "DestinationDeleted".into()));
+    }
 }

@@ -175,6 +175,31 @@ impl Drop for Moving {
 }
 
 impl Context {
+    /// A context with empty caches (no watch feeds them), for controller unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(client: Client) -> Context {
+        Context {
+            client: client.clone(),
+            config: Config::default(),
+            images: reflector::store().0,
+            regions: reflector::store().0,
+            shares: reflector::store().0,
+            namespaces: reflector::store().0,
+            references: Arc::new(index::Index::new(index::reference_target)),
+            shares_of: Arc::new(index::Index::new(index::share_target)),
+            copies: reflector::store().0,
+            probes: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+            backoff: Backoff::default(),
+            stopping: futures::future::FutureExt::shared(Box::pin(futures::future::pending())),
+            moves: Arc::default(),
+            recorder: kube::runtime::events::Recorder::new(
+                client,
+                kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
+            ),
+        }
+    }
+
     /// Publishes an Event about `object` (the note cut to 1000 characters). A failure is logged:
     /// Events are for people and never fail a reconcile.
     async fn publish_event(

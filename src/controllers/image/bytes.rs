@@ -115,11 +115,13 @@ fn disk_status(index: usize, part: &Part, store: &RegionStore, imported: &Import
     }
 }
 
-/// Whether the cache already shows the image deleted, or deleting: a move that registers after
-/// the Image watch reported it would wait in vain.
-fn deleted_already(ctx: &Context, image: &Image) -> bool {
-    let now = ctx.images.get(&kube::runtime::reflector::ObjectRef::from_obj(image));
-    !now.is_some_and(|now| now.metadata.uid == image.metadata.uid && now.metadata.deletion_timestamp.is_none())
+/// Whether the cache already shows the image deleting, or replaced by a new one of the same
+/// name: a move that registers after the Image watch reported it would wait in vain. An image
+/// missing from the cache is not taken for deleted: the controller's own watch can run it before
+/// the shared cache has it, and while it moves its finalizer keeps it from being gone.
+fn deleted_already(images: &kube::runtime::reflector::Store<Image>, image: &Image) -> bool {
+    let now = images.get(&kube::runtime::reflector::ObjectRef::from_obj(image));
+    now.is_some_and(|now| now.metadata.uid != image.metadata.uid || now.metadata.deletion_timestamp.is_some())
 }
 
 /// A progress snapshot: bytes done over all disks, the total when known, the disks stored.
@@ -192,7 +194,7 @@ pub async fn import_all(
     let mut before: u64 = 0;
     let mut failure = None;
     let moving = ctx.moves.start(&image.uid().unwrap_or_default());
-    let mut cancelled = deleted_already(ctx, image);
+    let mut cancelled = deleted_already(&ctx.images, image);
     let mut stopped = false;
     for (index, part) in parts.iter().enumerate() {
         if cancelled {
@@ -325,4 +327,36 @@ pub async fn import_all(
     write(ctx, api, image, &active).await?;
     tracing::info!(size, disks = parts.len(), format = %system.detected.format, "image imported");
     Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::{reflector, watcher};
+
+    use super::*;
+
+    fn image(uid: &str, deleting: bool) -> Image {
+        let spec = serde_json::json!({"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://x/y"}}});
+        let mut image = Image::new("i", serde_json::from_value(spec).unwrap());
+        image.metadata.namespace = Some("t".into());
+        image.metadata.uid = Some(uid.into());
+        if deleting {
+            image.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        }
+        image
+    }
+
+    #[test]
+    fn only_a_deleting_or_replaced_image_counts_as_deleted_not_one_the_cache_has_not_seen() {
+        let (store, mut writer) = reflector::store::<Image>();
+        let mine = image("a", false);
+        assert!(!deleted_already(&store, &mine), "not in the cache yet: its own watch ran first");
+        writer.apply_watcher_event(&watcher::Event::Apply(mine.clone()));
+        assert!(!deleted_already(&store, &mine));
+        writer.apply_watcher_event(&watcher::Event::Apply(image("a", true)));
+        assert!(deleted_already(&store, &mine), "deleting");
+        writer.apply_watcher_event(&watcher::Event::Apply(image("b", false)));
+        assert!(deleted_already(&store, &mine), "gone, and another image took its name");
+    }
 }
