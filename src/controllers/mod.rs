@@ -540,11 +540,38 @@ pub async fn run(
         }
     });
     let (regions, regions_task) = reflect::<Region>(&client, {
-        let (t, copies) = (triggers.clone(), copies.clone());
+        let (t, copies, images) = (triggers.clone(), copies.clone(), images.clone());
+        // What images and copies depend on, by region: its spec and whether it is Ready (not its
+        // counts, which change with every image).
+        let mut seen: HashMap<String, (Option<i64>, bool)> = HashMap::new();
         move |event, _store| {
-            // A region came, went or changed readiness: the copies waiting for it re-run.
-            let (watcher::Event::Apply(region) | watcher::Event::Delete(region)) = event else { return };
-            let name = region.name_any();
+            // A region came, went or changed: its images and the copies waiting for it re-run.
+            let name = match event {
+                watcher::Event::Apply(region) => {
+                    let ready = region
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                    let now = (region.metadata.generation, ready);
+                    if seen.insert(region.name_any(), now) == Some(now) {
+                        return;
+                    }
+                    region.name_any()
+                }
+                watcher::Event::Delete(region) => {
+                    seen.remove(&region.name_any());
+                    region.name_any()
+                }
+                _ => return,
+            };
+            t.images(
+                images
+                    .state()
+                    .iter()
+                    .filter(|i| i.spec.region == name)
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect(),
+            );
             t.copies(
                 copies
                     .state()

@@ -24,7 +24,7 @@ mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{
-    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageQuota, ImageStatus, Region},
+    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageQuota, ImageStatus},
     policy::image::{visibility_allowed, with_phase},
 };
 
@@ -41,18 +41,9 @@ pub async fn run(
     triggers: futures::channel::mpsc::UnboundedReceiver<ObjectRef<Image>>,
     shutdown: Shutdown,
 ) {
-    let client = ctx.client.clone();
-    let images = ctx.images.clone();
-    Controller::new(Api::<Image>::all(client.clone()), watcher::Config::default())
-        .watches(Api::<Region>::all(client), watcher::Config::default(), move |region: Region| {
-            let name = region.name_any();
-            images
-                .state()
-                .iter()
-                .filter(|i| i.spec.region == name)
-                .map(|i| ObjectRef::from_obj(i.as_ref()))
-                .collect::<Vec<_>>()
-        })
+    // A Region change re-runs its images through `triggers`, sent by the shared Region watch
+    // once its cache has the change (a watch of its own could run them on a stale cache).
+    Controller::new(Api::<Image>::all(ctx.client.clone()), watcher::Config::default())
         .watches(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default(), {
             let images = ctx.images.clone();
             move |quota: ImageQuota| {
