@@ -228,9 +228,14 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
     let images: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
     let created = copy.status.as_ref().and_then(|s| s.destination_image.as_ref()).is_some();
     let dest = match ctx.images.get(&ObjectRef::<Image>::new(dest_name).within(&namespace)) {
-        // The Image watch may not have delivered the destination this copy just created (the
-        // copy's own status write can re-run it first): ask the API server before calling it gone.
+        // The cache can lag the API server: the Image watch may not have delivered the
+        // destination this copy just created (its own status write can re-run it first), or a
+        // deleted namesake's removal. Ask the API server before a verdict that ends the copy.
         None if created => images.get_opt(dest_name).await?.map(Arc::new),
+        Some(dest) if !is_mine(&dest, &copy) => match images.get_opt(dest_name).await? {
+            Some(live) => Some(Arc::new(live)),
+            None => return Ok(Action::requeue(Duration::from_secs(1))),
+        },
         cached => cached,
     };
     match dest {
@@ -396,6 +401,20 @@ mod tests {
     use super::*;
     use crate::embedded::ApiServer;
 
+    /// An embedded API server with namespace `t` and its ImageCopy `c` of `src` to `b/dst`.
+    async fn setup() -> (kube::Client, Api<ImageCopy>, Api<Image>, ImageCopy) {
+        let client = ApiServer::new().client();
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}});
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        namespaces.create(&PostParams::default(), &serde_json::from_value(ns).unwrap()).await.unwrap();
+        let copies: Api<ImageCopy> = Api::namespaced(client.clone(), "t");
+        let images: Api<Image> = Api::namespaced(client.clone(), "t");
+        let copy = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy", "metadata": {"name": "c"},
+            "spec": {"source": "src", "destination": {"region": "b", "name": "dst"}}});
+        let copy = copies.create(&PostParams::default(), &serde_json::from_value(copy).unwrap()).await.unwrap();
+        (client, copies, images, copy)
+    }
+
     fn ready(copy: &ImageCopy) -> (Option<CopyPhase>, String) {
         let status = copy.status.clone().unwrap_or_default();
         let reason = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
@@ -406,16 +425,7 @@ mod tests {
     /// destination it just created: a destination missing from the cache is not yet gone.
     #[tokio::test]
     async fn a_destination_the_cache_has_not_seen_yet_is_not_taken_for_deleted() {
-        let server = ApiServer::new();
-        let client = server.client();
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}});
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        namespaces.create(&PostParams::default(), &serde_json::from_value(ns).unwrap()).await.unwrap();
-        let copies: Api<ImageCopy> = Api::namespaced(client.clone(), "t");
-        let images: Api<Image> = Api::namespaced(client.clone(), "t");
-        let copy = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy", "metadata": {"name": "c"},
-            "spec": {"source": "src", "destination": {"region": "b", "name": "dst"}}});
-        let copy = copies.create(&PostParams::default(), &serde_json::from_value(copy).unwrap()).await.unwrap();
+        let (client, copies, images, copy) = setup().await;
         let copying = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy",
             "status": {"phase": "Copying", "destinationImage": "dst"}});
         let pp = PatchParams::apply(MANAGER).force();
@@ -425,7 +435,7 @@ mod tests {
             "spec": {"region": "b", "type": "DataDisk", "source": {"copy": {"name": "src"}}}});
         images.create(&PostParams::default(), &serde_json::from_value(dest).unwrap()).await.unwrap();
         // Empty caches: nothing feeds them in this test.
-        let ctx = Context::for_test(client);
+        let (ctx, _caches) = Context::for_test(client);
 
         apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
         assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Copying), "Copying".into()));
@@ -434,5 +444,28 @@ mod tests {
         images.delete("dst", &DeleteParams::default()).await.unwrap();
         apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
         assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Failed), "DestinationDeleted".into()));
+    }
+
+    /// A namesake the cache still holds after it was deleted does not refuse a new copy; one
+    /// the API server has does.
+    #[tokio::test]
+    async fn only_a_namesake_the_api_server_has_refuses_a_copy() {
+        let (client, copies, images, _) = setup().await;
+        let namesake = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "dst"},
+            "spec": {"region": "b", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
+        let namesake: Image =
+            images.create(&PostParams::default(), &serde_json::from_value(namesake).unwrap()).await.unwrap();
+        let (ctx, mut caches) = Context::for_test(client);
+        caches.images.apply_watcher_event(&kube::runtime::watcher::Event::Apply(namesake));
+        images.delete("dst", &DeleteParams::default()).await.unwrap();
+
+        apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
+        assert_eq!(copies.get("c").await.unwrap().status, None, "no verdict on a stale cache");
+
+        let namesake = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "dst"},
+            "spec": {"region": "b", "type": "DataDisk", "source": {"url": {"url": "https://example.com/e.raw"}}}});
+        images.create(&PostParams::default(), &serde_json::from_value(namesake).unwrap()).await.unwrap();
+        apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
+        assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Failed), "DestinationExists".into()));
     }
 }

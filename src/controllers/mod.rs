@@ -107,6 +107,13 @@ pub struct Context {
     pub moves: Arc<Moves>,
 }
 
+/// Writers of a test context's caches (see `Context::for_test`).
+#[cfg(test)]
+pub(crate) struct TestCaches {
+    pub images: reflector::store::Writer<Image>,
+    pub namespaces: reflector::store::Writer<Namespace>,
+}
+
 /// Byte moves in flight, by image uid. The Image watch tells a move when its image is being
 /// deleted or is gone, so a move waits on that instead of polling the cache.
 #[derive(Default)]
@@ -175,16 +182,19 @@ impl Drop for Moving {
 }
 
 impl Context {
-    /// A context with empty caches (no watch feeds them), for controller unit tests.
+    /// A context whose caches only the test feeds (through the returned writers), for
+    /// controller unit tests.
     #[cfg(test)]
-    pub(crate) fn for_test(client: Client) -> Context {
-        Context {
+    pub(crate) fn for_test(client: Client) -> (Context, TestCaches) {
+        let (images, images_writer) = reflector::store();
+        let (namespaces, namespaces_writer) = reflector::store();
+        let ctx = Context {
             client: client.clone(),
             config: Config::default(),
-            images: reflector::store().0,
+            images,
             regions: reflector::store().0,
             shares: reflector::store().0,
-            namespaces: reflector::store().0,
+            namespaces,
             references: Arc::new(index::Index::new(index::reference_target)),
             shares_of: Arc::new(index::Index::new(index::share_target)),
             copies: reflector::store().0,
@@ -197,7 +207,8 @@ impl Context {
                 client,
                 kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
             ),
-        }
+        };
+        (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer })
     }
 
     /// Publishes an Event about `object` (the note cut to 1000 characters). A failure is logged:

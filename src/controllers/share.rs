@@ -45,8 +45,16 @@ pub fn shares_of(ctx: &Context, namespace: &str, image: &str) -> Vec<Arc<ImageSh
 
 /// The verdicts over every ImageShare of `namespace/image`.
 pub fn evaluation(ctx: &Context, namespace: &str, image: &str) -> Evaluation {
-    let shares = shares_of(ctx, namespace, image);
-    let shares: Vec<&ImageShare> = shares.iter().map(|s| s.as_ref()).collect();
+    evaluation_with(ctx, namespace, image, None)
+}
+
+/// [`evaluation`], with `current` (the share being reconciled, which its own watch may have
+/// delivered before the cache has it, or has this version of it) in place of its cached copy.
+fn evaluation_with(ctx: &Context, namespace: &str, image: &str, current: Option<&ImageShare>) -> Evaluation {
+    let cached = shares_of(ctx, namespace, image);
+    let mut shares: Vec<&ImageShare> =
+        cached.iter().map(|s| s.as_ref()).filter(|s| current.is_none_or(|c| c.uid() != s.uid())).collect();
+    shares.extend(current);
     let source = ctx.images.get(&ObjectRef::<Image>::new(image).within(namespace));
     evaluate(
         namespace,
@@ -71,7 +79,7 @@ async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let image = &share.spec.image;
-    let eval = evaluation(&ctx, &namespace, image);
+    let eval = evaluation_with(&ctx, &namespace, image, Some(&share));
     let old = share.status.clone().unwrap_or_default();
     let now = status::now();
     let since = |tenant: &str, state: MemberState, reason: &Option<String>| {
@@ -193,4 +201,38 @@ fn error_policy(share: Arc<ImageShare>, err: &Error, ctx: Arc<Context>) -> Actio
 
 fn backoff_key(share: &ImageShare) -> String {
     format!("share/{}/{}", share.namespace().unwrap_or_default(), share.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::PostParams;
+    use serde_json::json;
+
+    use super::*;
+    use crate::embedded::ApiServer;
+
+    /// A share's own watch can run it before the shared cache has it (or has its new spec):
+    /// its status is of the share as it is, not as the cache last saw it.
+    #[tokio::test]
+    async fn a_share_the_cache_has_not_seen_yet_lists_its_members() {
+        let server = ApiServer::new();
+        let client = server.client();
+        let (ctx, mut caches) = Context::for_test(client.clone());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        for name in ["t", "u"] {
+            let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+            let ns = namespaces.create(&PostParams::default(), &ns).await.unwrap();
+            caches.namespaces.apply_watcher_event(&watcher::Event::Apply(ns));
+        }
+        let shares: Api<ImageShare> = Api::namespaced(client, "t");
+        let share = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageShare", "metadata": {"name": "s"},
+            "spec": {"image": "img", "tenants": ["u"]}});
+        let share = shares.create(&PostParams::default(), &serde_json::from_value(share).unwrap()).await.unwrap();
+
+        reconcile(Arc::new(share), Arc::new(ctx)).await.unwrap();
+        let status = shares.get("s").await.unwrap().status.unwrap();
+        let members: Vec<(String, MemberState)> = status.members.into_iter().map(|m| (m.tenant, m.state)).collect();
+        assert_eq!(members, [("u".to_string(), MemberState::Pending)]);
+    }
 }
