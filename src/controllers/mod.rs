@@ -107,6 +107,20 @@ pub struct Context {
     pub moves: Arc<Moves>,
 }
 
+/// A DataDisk Image `t/name` with `uid`, being deleted or not, for controller unit tests.
+#[cfg(test)]
+pub(crate) fn test_image(name: &str, uid: &str, deleting: bool) -> Image {
+    let spec = serde_json::json!({"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://x/y"}}});
+    let mut image = Image::new(name, serde_json::from_value(spec).expect("a valid spec"));
+    image.metadata.namespace = Some("t".into());
+    image.metadata.uid = Some(uid.into());
+    if deleting {
+        image.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+    }
+    image
+}
+
 /// Writers of a test context's caches (see `Context::for_test`).
 #[cfg(test)]
 pub(crate) struct TestCaches {
@@ -662,16 +676,7 @@ mod tests {
     }
 
     fn image(uid: &str, deleting: bool) -> Image {
-        let spec =
-            serde_json::from_value(serde_json::json!({"region": "r", "source": {"url": {"url": "https://x/y"}}}));
-        let mut image = Image::new(uid, spec.unwrap());
-        image.metadata.namespace = Some("t".into());
-        image.metadata.uid = Some(uid.into());
-        if deleting {
-            image.metadata.deletion_timestamp =
-                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        }
-        image
+        test_image(uid, uid, deleting)
     }
 
     async fn told(moving: &Moving) -> bool {

@@ -336,15 +336,7 @@ mod tests {
     use super::*;
 
     fn image(uid: &str, deleting: bool) -> Image {
-        let spec = serde_json::json!({"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://x/y"}}});
-        let mut image = Image::new("i", serde_json::from_value(spec).unwrap());
-        image.metadata.namespace = Some("t".into());
-        image.metadata.uid = Some(uid.into());
-        if deleting {
-            image.metadata.deletion_timestamp =
-                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        }
-        image
+        crate::controllers::test_image("i", uid, deleting)
     }
 
     #[test]
