@@ -147,9 +147,7 @@ fn check(ctx: &Context, copy: &ImageCopy, namespace: &str) -> Result<Arc<Image>,
             format!("Region {} does not exist: create it, or correct spec.destination.region", dest.region),
         ));
     };
-    let ready =
-        region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    if !ready {
+    if !super::region::is_ready(&region) {
         return Err((
             CopyPhase::Pending,
             "RegionNotReady",

@@ -126,6 +126,7 @@ pub(crate) fn test_image(name: &str, uid: &str, deleting: bool) -> Image {
 pub(crate) struct TestCaches {
     pub images: reflector::store::Writer<Image>,
     pub namespaces: reflector::store::Writer<Namespace>,
+    pub regions: reflector::store::Writer<Region>,
 }
 
 /// Byte moves in flight, by image uid. The Image watch tells a move when its image is being
@@ -202,11 +203,12 @@ impl Context {
     pub(crate) fn for_test(client: Client) -> (Context, TestCaches) {
         let (images, images_writer) = reflector::store();
         let (namespaces, namespaces_writer) = reflector::store();
+        let (regions, regions_writer) = reflector::store();
         let ctx = Context {
             client: client.clone(),
             config: Config::default(),
             images,
-            regions: reflector::store().0,
+            regions,
             shares: reflector::store().0,
             namespaces,
             references: Arc::new(index::Index::new(index::reference_target)),
@@ -222,7 +224,7 @@ impl Context {
                 kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
             ),
         };
-        (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer })
+        (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer, regions: regions_writer })
     }
 
     /// Publishes an Event about `object` (the note cut to 1000 characters). A failure is logged:
@@ -263,6 +265,31 @@ impl Context {
     /// The opened store of a Ready region.
     pub fn store(&self, region: &str) -> Option<RegionStore> {
         self.stores.lock().ok()?.get(region).cloned()
+    }
+
+    /// The store of region `name`: the one its probe opened, or, when this process has not
+    /// probed the region yet (it just started, or took over the lease), one opened now. None
+    /// when the region is unknown or its store cannot be opened.
+    pub async fn open_store(&self, name: &str) -> Option<RegionStore> {
+        if let Some(store) = self.store(name) {
+            return Some(store);
+        }
+        let region = self.regions.get(&ObjectRef::new(name))?;
+        match region::open(&region, self).await {
+            Ok(store) => {
+                self.stores.lock().ok()?.entry(name.to_string()).or_insert(store);
+                self.store(name)
+            }
+            Err(why) => {
+                tracing::info!(region = name, ?why, "cannot open the region's store");
+                None
+            }
+        }
+    }
+
+    /// Whether region `name` is known and its status says Ready.
+    pub fn region_ready(&self, name: &str) -> bool {
+        self.regions.get(&ObjectRef::new(name)).is_some_and(|r| region::is_ready(&r))
     }
 }
 
@@ -573,11 +600,7 @@ pub async fn run(
             // A region came, went or changed: its images and the copies waiting for it re-run.
             let name = match event {
                 watcher::Event::Apply(region) => {
-                    let ready = region
-                        .status
-                        .as_ref()
-                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                    let now = (region.metadata.generation, ready);
+                    let now = (region.metadata.generation, region::is_ready(region));
                     if seen.insert(region.name_any(), now) == Some(now) {
                         return;
                     }

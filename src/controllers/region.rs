@@ -77,35 +77,9 @@ async fn reconcile(region: Arc<Region>, ctx: Arc<Context>) -> Result<Action, Err
 }
 
 async fn probe(region: &Region, ctx: &Context) -> Probe {
-    let storage = &region.spec.storage;
-    let credentials = match &storage.secret_ref {
-        Some(secret_ref) if storage.url.starts_with("s3://") => {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
-            match secrets.get_opt(&secret_ref.name).await {
-                Ok(Some(secret)) => match s3_credentials(&secret) {
-                    Some(c) => Some(c),
-                    None => {
-                        return Probe::SecretNotFound(format!(
-                            "Secret {}/{} needs the keys accessKeyID and secretAccessKey",
-                            ctx.config.operator_namespace, secret_ref.name
-                        ));
-                    }
-                },
-                Ok(None) => {
-                    return Probe::SecretNotFound(format!(
-                        "Secret {}/{} not found: create it with the keys accessKeyID and secretAccessKey",
-                        ctx.config.operator_namespace, secret_ref.name
-                    ));
-                }
-                Err(e) => return Probe::Unreachable(format!("cannot read Secret {}: {e}", secret_ref.name)),
-            }
-        }
-        _ => None,
-    };
-    let store = match RegionStore::open(storage, &ctx.config.stores, credentials.as_ref()) {
-        Ok(s) => s,
-        Err(StoreError::InvalidSpec(m)) => return Probe::InvalidSpec(m),
-        Err(e) => return Probe::Unreachable(e.to_string()),
+    let store = match open(region, ctx).await {
+        Ok(store) => store,
+        Err(probe) => return probe,
     };
     match tokio::time::timeout(Duration::from_secs(30), store.probe()).await {
         Ok(Ok(())) => {
@@ -116,6 +90,45 @@ async fn probe(region: &Region, ctx: &Context) -> Probe {
         Ok(Err(e)) => Probe::Unreachable(format!("the store failed a write/read/delete probe: {e}")),
         Err(_) => Probe::Unreachable("the store did not answer a probe within 30s".into()),
     }
+}
+
+/// Opens a region's store, with the credentials its Secret holds, without probing it; the
+/// error is the probe outcome that says why it cannot be opened.
+pub async fn open(region: &Region, ctx: &Context) -> Result<RegionStore, Probe> {
+    let storage = &region.spec.storage;
+    let credentials = match &storage.secret_ref {
+        Some(secret_ref) if storage.url.starts_with("s3://") => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
+            match secrets.get_opt(&secret_ref.name).await {
+                Ok(Some(secret)) => match s3_credentials(&secret) {
+                    Some(c) => Some(c),
+                    None => {
+                        return Err(Probe::SecretNotFound(format!(
+                            "Secret {}/{} needs the keys accessKeyID and secretAccessKey",
+                            ctx.config.operator_namespace, secret_ref.name
+                        )));
+                    }
+                },
+                Ok(None) => {
+                    return Err(Probe::SecretNotFound(format!(
+                        "Secret {}/{} not found: create it with the keys accessKeyID and secretAccessKey",
+                        ctx.config.operator_namespace, secret_ref.name
+                    )));
+                }
+                Err(e) => return Err(Probe::Unreachable(format!("cannot read Secret {}: {e}", secret_ref.name))),
+            }
+        }
+        _ => None,
+    };
+    RegionStore::open(storage, &ctx.config.stores, credentials.as_ref()).map_err(|e| match e {
+        StoreError::InvalidSpec(m) => Probe::InvalidSpec(m),
+        e => Probe::Unreachable(e.to_string()),
+    })
+}
+
+/// Whether a region's status says Ready.
+pub fn is_ready(region: &Region) -> bool {
+    region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Credentials from a Secret's `accessKeyID` and `secretAccessKey`.

@@ -163,9 +163,11 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             .await?;
         return Ok(Action::requeue(WAITING_RECHECK));
     };
-    let ready =
-        region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    let Some(store) = ctx.store(region_name).filter(|_| ready) else {
+    let store = match super::region::is_ready(&region) {
+        true => ctx.open_store(region_name).await,
+        false => None,
+    };
+    let Some(store) = store else {
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now))
             .await?;
@@ -186,7 +188,11 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
                 });
             }
             Ok(plan) => {
-                let Some(from) = ctx.store(&plan.from_region) else {
+                let from = match ctx.region_ready(&plan.from_region) {
+                    true => ctx.open_store(&plan.from_region).await,
+                    false => None,
+                };
+                let Some(from) = from else {
                     let message =
                         format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
                     write(
@@ -273,7 +279,9 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
         return Err(Error::Protected(message.into()));
     }
     let namespace = image.namespace().unwrap_or_default();
-    if let Some(store) = ctx.store(&image.spec.region) {
+    // The store is opened if this process has not probed the region yet (it just started or
+    // took over): the bytes go with the image, never left behind.
+    if let Some(store) = ctx.open_store(&image.spec.region).await {
         let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
         let removed = store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?
             + crate::import::sweep_abandoned(&store, &prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
@@ -293,5 +301,51 @@ fn error_policy(image: Arc<Image>, err: &Error, ctx: Arc<Context>) -> Action {
             image.namespace().unwrap_or_default(),
             image.name_any()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::PostParams;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        api::Region,
+        embedded::ApiServer,
+        store::{RegionStore, StoreConfig},
+    };
+
+    /// An operator that just started (or took over the lease) has not probed the region yet:
+    /// deleting an image then still removes its bytes.
+    #[tokio::test]
+    async fn deleting_an_image_removes_its_bytes_before_the_region_is_probed() {
+        let client = ApiServer::new().client();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let ns = serde_json::from_value(json!({"metadata": {"name": "t"}})).unwrap();
+        namespaces.create(&PostParams::default(), &ns).await.unwrap();
+        let api: Api<Image> = Api::namespaced(client.clone(), "t");
+        let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
+            "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
+        let image = api.create(&PostParams::default(), &serde_json::from_value(image).unwrap()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut caches) = Context::for_test(client);
+        ctx.config.stores = StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: dir.path().into() };
+        let region: Region = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
+            "metadata": {"name": "r"}, "spec": {"storage": {"url": "file:///var/lib/ims/r"}}}))
+        .unwrap();
+        caches.regions.apply_watcher_event(&watcher::Event::Apply(region.clone()));
+        // The bytes a previous leader stored.
+        let store = RegionStore::open(&region.spec.storage, &ctx.config.stores, None).unwrap();
+        let prefix = store.image_prefix("t", "i", &image.uid().unwrap());
+        let object = prefix.clone().join("disk");
+        object_store::ObjectStoreExt::put(store.object_store(), &object, b"bytes".to_vec().into()).await.unwrap();
+        let on_disk = dir.path().join("r/t/i").join(image.uid().unwrap()).join("disk");
+        assert!(on_disk.exists());
+        assert!(ctx.store("r").is_none(), "not probed by this process");
+
+        cleanup(Arc::new(image), &ctx, &api).await.unwrap();
+        assert!(!on_disk.exists(), "the bytes went with the image");
     }
 }
