@@ -45,12 +45,24 @@ pub struct Env {
     pub data_dir: tempfile::TempDir,
 }
 
+/// `IMS_TEST_LOG=<filter>` (a `RUST_LOG` filter, e.g. `ims_operator=debug`) logs the operator
+/// of a scenario to stderr; run one scenario with `--nocapture` to read it.
+fn log_if_asked() {
+    if let Ok(filter) = std::env::var("IMS_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// How long a scenario waits for a condition before failing.
 pub const WAIT: Duration = Duration::from_secs(30);
 
 impl Env {
     /// A fresh embedded API server.
     pub async fn embedded() -> Env {
+        log_if_asked();
         let server = ApiServer::new();
         Env {
             client: server.client(),
@@ -64,6 +76,7 @@ impl Env {
 
     /// The cluster of KUBECONFIG, with the CRDs installed (server-side apply) and established.
     pub async fn cluster() -> Env {
+        log_if_asked();
         assert_eq!(
             std::env::var("IMS_E2E").as_deref(),
             Ok("1"),
