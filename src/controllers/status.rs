@@ -79,7 +79,8 @@ pub fn same_ignoring_time<S: Serialize>(a: &S, b: &S) -> bool {
 }
 
 /// Writes `status` with server-side apply as `manager`, unless it equals `current` (ignoring
-/// condition timestamps). Returns whether a write happened.
+/// condition timestamps). Returns whether a write happened: not when the object was deleted
+/// meanwhile (a status for an object that is gone is nobody's concern, not a failed reconcile).
 pub async fn apply_status<K, S>(
     api: &Api<K>,
     name: &str,
@@ -99,13 +100,32 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&patch)).await?;
-    Ok(true)
+    match api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            tracing::debug!(name, "not writing the status of an object that is gone");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_status_of_an_object_that_is_gone_is_not_written_and_not_an_error() {
+        use crate::api::{Region, RegionStatus};
+        let api: Api<Region> = Api::all(crate::embedded::ApiServer::new().client());
+        let status = RegionStatus { images: Some(1), ..Default::default() };
+        assert!(!apply_status(&api, "gone", "test", None, &status).await.unwrap());
+        let region = serde_json::json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": "here"},
+            "spec": {"storage": {"url": "file:///var/lib/ims/here"}}});
+        api.create(&Default::default(), &serde_json::from_value(region).unwrap()).await.unwrap();
+        assert!(apply_status(&api, "here", "test", None, &status).await.unwrap());
+        assert_eq!(api.get_status("here").await.unwrap().status.unwrap().images, Some(1));
+    }
 
     fn t(s: &str) -> Time {
         Time(s.parse().unwrap())
