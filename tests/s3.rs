@@ -325,6 +325,23 @@ scenarios! {
         assert!(moto.keys(BUCKET, &prefix).await.is_empty(), "the deleted image's objects are gone");
         assert!(moto.keys(BUCKET, "").await.is_empty(), "nothing is left in the bucket");
 
+        // A rotated Secret is used at once, not at the next periodic probe: one without the keys
+        // makes the Ready region say so; putting them back makes it Ready again.
+        let secrets: Api<Secret> = Api::namespaced(env.client.clone(), OPERATOR_NAMESPACE);
+        let keys = |pairs: &[(&str, &str)]| Secret {
+            metadata: ObjectMeta { name: Some(secret_name.clone()), ..Default::default() },
+            data: Some(pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect()),
+            ..Default::default()
+        };
+        let mut secret = secrets.get(&secret_name).await.unwrap();
+        secret.data = keys(&[("accessKeyID", ACCESS_KEY)]).data;
+        let secret = secrets.replace(&secret_name, &PostParams::default(), &secret).await.unwrap();
+        let r = env.wait_for(&regions, &region_name, has_ready("False", "SecretNotFound")).await.unwrap();
+        assert!(ready(Some(&r)).unwrap().2.contains("needs the keys accessKeyID and secretAccessKey"));
+        let restored = Secret { data: keys(&[("accessKeyID", ACCESS_KEY), ("secretAccessKey", SECRET_KEY)]).data, ..secret };
+        secrets.replace(&secret_name, &PostParams::default(), &restored).await.unwrap();
+        env.wait_for(&regions, &region_name, has_ready("True", "StoreReady")).await;
+
         regions.delete(&region_name, &DeleteParams::default()).await.unwrap();
         delete_secret(env, &secret_name).await;
     }

@@ -256,6 +256,13 @@ impl Context {
         (*g == generation && at.elapsed() < region::REPROBE && *probe == Probe::Ready).then(|| probe.clone())
     }
 
+    /// Forgets a region's last probe, so its next reconcile probes again (its Secret changed).
+    fn forget_probe(&self, region: &str) {
+        if let Ok(mut probes) = self.probes.lock() {
+            probes.remove(region);
+        }
+    }
+
     fn remember_probe(&self, region: &str, generation: Option<i64>, probe: &Probe) {
         if let Ok(mut probes) = self.probes.lock() {
             probes.insert(region.to_string(), (generation, Instant::now(), probe.clone()));

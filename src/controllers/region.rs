@@ -26,20 +26,25 @@ pub const REPROBE: Duration = Duration::from_secs(300);
 /// (sent by the shared Image watch after its cache has the change, so the recount sees it).
 pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region>>, shutdown: Shutdown) {
     let client = ctx.client.clone();
-    let regions = ctx.regions.clone();
-    // A Secret created or rotated after its Region re-probes the Regions that name it (only the
-    // operator's namespace is watched: the Role grants no more).
+    let on_secret = ctx.clone();
+    // A Secret created, rotated or deleted re-probes the Regions that name it, with the new
+    // credentials, at once (only the operator's namespace is watched: the Role grants no more).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.config.operator_namespace);
     Controller::new(Api::<Region>::all(client.clone()), watcher::Config::default())
         .reconcile_on(triggers)
         .watches(secrets, watcher::Config::default().any_semantic(), move |secret: Secret| {
             let name = secret.name_any();
-            regions
+            let named: Vec<ObjectRef<Region>> = on_secret
+                .regions
                 .state()
                 .iter()
                 .filter(|r| r.spec.storage.secret_ref.as_ref().is_some_and(|s| s.name == name))
                 .map(|r| ObjectRef::from_obj(r.as_ref()))
-                .collect::<Vec<_>>()
+                .collect();
+            for region in &named {
+                on_secret.forget_probe(&region.name);
+            }
+            named
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
