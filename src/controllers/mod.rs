@@ -294,9 +294,13 @@ impl Context {
         }
     }
 
-    /// Whether region `name` is known and its status says Ready.
-    pub fn region_ready(&self, name: &str) -> bool {
-        self.regions.get(&ObjectRef::new(name)).is_some_and(|r| region::is_ready(&r))
+    /// The store of region `name` if its status says Ready (see [`Context::open_store`]).
+    pub async fn ready_store(&self, name: &str) -> Option<RegionStore> {
+        let ready = self.regions.get(&ObjectRef::new(name)).is_some_and(|r| region::is_ready(&r));
+        if !ready {
+            return None;
+        }
+        self.open_store(name).await
     }
 }
 

@@ -163,11 +163,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             .await?;
         return Ok(Action::requeue(WAITING_RECHECK));
     };
-    let store = match super::region::is_ready(&region) {
-        true => ctx.open_store(region_name).await,
-        false => None,
-    };
-    let Some(store) = store else {
+    let Some(store) = ctx.ready_store(region_name).await else {
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
         write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now))
             .await?;
@@ -188,11 +184,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
                 });
             }
             Ok(plan) => {
-                let from = match ctx.region_ready(&plan.from_region) {
-                    true => ctx.open_store(&plan.from_region).await,
-                    false => None,
-                };
-                let Some(from) = from else {
+                let Some(from) = ctx.ready_store(&plan.from_region).await else {
                     let message =
                         format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
                     write(
