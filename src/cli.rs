@@ -100,6 +100,11 @@ pub struct RunArgs {
     /// This replica's identity in leader election (default: the pod name from HOSTNAME).
     #[arg(long, env = "IMS_LEADER_IDENTITY", value_name = "NAME")]
     pub leader_identity: Option<String>,
+    /// After SIGTERM/SIGINT, how long in-flight work may take to finish before the operator stops
+    /// anyway (exit code 1), in seconds; keep it below the pod's terminationGracePeriodSeconds.
+    /// A second signal stops it at once.
+    #[arg(long, env = "IMS_GRACEFUL_SHUTDOWN_TIMEOUT", default_value_t = 30, value_name = "SECONDS")]
+    pub graceful_shutdown_timeout: u64,
 }
 
 /// Why a command failed: each message says what to do.
@@ -267,20 +272,41 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         metrics,
     };
     tracing::info!(public_namespace = %config.public_namespace, leader_elect = args.leader_elect, "starting");
-    if args.leader_elect {
-        let identity = args
-            .leader_identity
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("ims-operator-{}", std::process::id()));
-        let lease = crate::leader::LeaseConfig {
-            name: "ims-operator".into(),
-            namespace: config.operator_namespace.clone(),
-            identity,
-            duration: Duration::from_secs(args.lease_duration.max(2)),
-        };
-        crate::leader::run(client, lease, config, shutdown_signal()).await;
-    } else {
-        controllers::run(client, config, shutdown_signal()).await;
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    let work = async {
+        if args.leader_elect {
+            let identity = args
+                .leader_identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("ims-operator-{}", std::process::id()));
+            let lease = crate::leader::LeaseConfig {
+                name: "ims-operator".into(),
+                namespace: config.operator_namespace.clone(),
+                identity,
+                duration: Duration::from_secs(args.lease_duration.max(2)),
+            };
+            crate::leader::run(client, lease, config, shutdown.clone()).await;
+        } else {
+            controllers::run(client, config, shutdown.clone()).await;
+        }
+    };
+    let grace = Duration::from_secs(args.graceful_shutdown_timeout);
+    let deadline = async {
+        shutdown.clone().await;
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => tracing::warn!(
+                seconds = grace.as_secs(), "in-flight work did not finish in time after the shutdown signal; stopping anyway"
+            ),
+            _ = shutdown_signal() => tracing::warn!("a second shutdown signal: stopping at once"),
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = deadline => {
+            readiness.set(false);
+            // Not waiting for what did not finish: the next leader starts those moves again.
+            std::process::exit(1);
+        }
     }
     readiness.set(false);
     tracing::info!("stopped");

@@ -173,11 +173,22 @@ async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     assert!(ready, "/readyz answered 200 within 10s");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let code = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let pid = child.id().to_string();
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await;
+    let Ok(code) = waited else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("the operator did not stop within 60 s of SIGTERM");
+    };
+    let code = code.unwrap();
     let stderr = String::from_utf8_lossy(&code.stderr);
     assert_eq!(code.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutdown signal received"), "{stderr}");
     assert!(stderr.contains("leading: starting controllers"), "it took the Lease: {stderr}");
+    assert!(!stderr.contains("panicked"), "a clean stop panics nowhere: {stderr}");
 }
 
 /// The README's first command: `local` on examples/ imports real bytes and prints the table.

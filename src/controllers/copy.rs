@@ -11,11 +11,9 @@ use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ObjectMeta, PostParams},
     runtime::{
-        Controller,
         controller::Action,
         finalizer::{Event, finalizer},
         reflector::ObjectRef,
-        watcher,
     },
 };
 
@@ -41,9 +39,8 @@ const RECHECK: Duration = Duration::from_secs(10);
 /// Runs the ImageCopy controller until shutdown; `triggers` re-run copies whose source or
 /// destination Image changed, or that wait for a cross-region slot another copy freed.
 pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageCopy>>, shutdown: Shutdown) {
-    Controller::new(Api::<ImageCopy>::all(ctx.client.clone()), watcher::Config::default())
+    super::controller::<ImageCopy>(&ctx.client, shutdown)
         .reconcile_on(triggers)
-        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
-        WatchStreamExt,
+        Controller, WatchStreamExt,
         reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
@@ -394,6 +394,22 @@ where
     (reader, Box::pin(stream))
 }
 
+/// A Controller of every `K` that stops gracefully on `shutdown`, but not before its own cache
+/// has synced: kube holds a controller's reconciles until that cache syncs, and stops polling the
+/// watch that syncs it once the shutdown trigger fires, so a SIGTERM right after the start would
+/// otherwise leave it waiting forever.
+pub(crate) fn controller<K>(client: &Client, shutdown: Shutdown) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
+    let synced = controller.store();
+    controller.graceful_shutdown_on(async move {
+        shutdown.await;
+        let _ = synced.wait_until_ready().await;
+    })
+}
+
 /// Queues of objects to reconcile because something they depend on changed.
 #[derive(Clone)]
 struct Triggers {
@@ -711,6 +727,24 @@ mod tests {
 
     fn image(uid: &str, deleting: bool) -> Image {
         test_image(uid, uid, deleting)
+    }
+
+    /// A SIGTERM as soon as the operator reports ready, before the controllers' own caches have
+    /// synced: the controllers still stop (they used to wait forever for those caches).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_right_after_the_start_stops_every_controller() {
+        for _ in 0..5 {
+            let client = crate::embedded::ApiServer::new().client();
+            let config = Config::default();
+            let readiness = config.readiness.clone();
+            let shutdown = async move {
+                while !readiness.get() {
+                    tokio::task::yield_now().await;
+                }
+            };
+            let stopped = tokio::time::timeout(Duration::from_secs(30), run(client, config, shutdown)).await;
+            assert!(stopped.is_ok(), "the controllers did not stop within 30 s of the shutdown");
+        }
     }
 
     async fn told(moving: &Moving) -> bool {

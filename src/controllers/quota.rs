@@ -274,9 +274,8 @@ const GARBAGE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 /// and releases reservations of images that are gone.
 pub async fn run(ctx: std::sync::Arc<Context>, shutdown: super::Shutdown) {
     use futures::StreamExt;
-    use kube::runtime::{Controller, controller::Action, watcher};
-    Controller::new(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default())
-        .graceful_shutdown_on(shutdown)
+    use kube::runtime::controller::Action;
+    super::controller::<ImageQuota>(&ctx.client, shutdown)
         .run(
             |quota: std::sync::Arc<ImageQuota>, ctx: std::sync::Arc<Context>| async move {
                 let _timer = ctx.config.metrics.reconcile("quota");

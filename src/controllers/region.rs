@@ -7,7 +7,7 @@ use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
-    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+    runtime::{controller::Action, reflector::ObjectRef, watcher},
 };
 
 use super::{Context, Error, Shutdown, status};
@@ -30,7 +30,7 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
     // A Secret created, rotated or deleted re-probes the Regions that name it, with the new
     // credentials, at once (only the operator's namespace is watched: the Role grants no more).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.config.operator_namespace);
-    Controller::new(Api::<Region>::all(client.clone()), watcher::Config::default())
+    super::controller::<Region>(&client, shutdown)
         .reconcile_on(triggers)
         .watches(secrets, watcher::Config::default().any_semantic(), move |secret: Secret| {
             let name = secret.name_any();
@@ -46,7 +46,6 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
             }
             named
         })
-        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
 use kube::{
     Api, ResourceExt,
-    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+    runtime::{controller::Action, reflector::ObjectRef},
 };
 
 use super::{Context, Error, Shutdown, status};
@@ -25,9 +25,8 @@ pub const MANAGER: &str = "ims-operator/imageshare";
 /// Runs the ImageShare controller until shutdown; `triggers` re-run shares whose image, or a
 /// reference to it, or a member namespace changed.
 pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageShare>>, shutdown: Shutdown) {
-    Controller::new(Api::<ImageShare>::all(ctx.client.clone()), watcher::Config::default())
+    super::controller::<ImageShare>(&ctx.client, shutdown)
         .reconcile_on(triggers)
-        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -223,7 +222,7 @@ mod tests {
         for name in ["t", "u"] {
             let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
             let ns = namespaces.create(&PostParams::default(), &ns).await.unwrap();
-            caches.namespaces.apply_watcher_event(&watcher::Event::Apply(ns));
+            caches.namespaces.apply_watcher_event(&kube::runtime::watcher::Event::Apply(ns));
         }
         let shares: Api<ImageShare> = Api::namespaced(client, "t");
         let share = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageShare", "metadata": {"name": "s"},

@@ -10,7 +10,6 @@ use futures::StreamExt;
 use kube::{
     Api, Resource, ResourceExt,
     runtime::{
-        Controller,
         controller::Action,
         finalizer::{Event, finalizer},
         reflector::ObjectRef,
@@ -43,7 +42,7 @@ pub async fn run(
 ) {
     // A Region change re-runs its images through `triggers`, sent by the shared Region watch
     // once its cache has the change (a watch of its own could run them on a stale cache).
-    Controller::new(Api::<Image>::all(ctx.client.clone()), watcher::Config::default())
+    super::controller::<Image>(&ctx.client, shutdown)
         .watches(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default(), {
             let images = ctx.images.clone();
             move |quota: ImageQuota| {
@@ -58,7 +57,6 @@ pub async fn run(
             }
         })
         .reconcile_on(triggers)
-        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
