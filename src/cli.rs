@@ -297,7 +297,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
             _ = tokio::time::sleep(grace) => tracing::warn!(
                 seconds = grace.as_secs(), "in-flight work did not finish in time after the shutdown signal; stopping anyway"
             ),
-            _ = shutdown_signal() => tracing::warn!("a second shutdown signal: stopping at once"),
+            _ = signalled() => tracing::warn!("a second shutdown signal: stopping at once"),
         }
     };
     tokio::select! {
@@ -333,8 +333,14 @@ async fn check_crds(client: &Client) -> Result<(), CliError> {
     Err(CliError::CrdsMissing { missing: what })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT, and says so.
 pub async fn shutdown_signal() {
+    signalled().await;
+    tracing::info!("shutdown signal received; finishing in-flight work");
+}
+
+/// Resolves on the first SIGTERM or SIGINT from now on.
+async fn signalled() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -353,7 +359,6 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received; finishing in-flight work");
 }
 
 #[cfg(test)]

@@ -394,14 +394,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::embedded::ApiServer;
 
     /// An embedded API server with namespace `t` and its ImageCopy `c` of `src` to `b/dst`.
     async fn setup() -> (kube::Client, Api<ImageCopy>, Api<Image>, ImageCopy) {
-        let client = ApiServer::new().client();
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}});
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        namespaces.create(&PostParams::default(), &serde_json::from_value(ns).unwrap()).await.unwrap();
+        let (client, _) = crate::controllers::test_api(&["t"]).await;
         let copies: Api<ImageCopy> = Api::namespaced(client.clone(), "t");
         let images: Api<Image> = Api::namespaced(client.clone(), "t");
         let copy = json!({"apiVersion": "ims.io/v1alpha1", "kind": "ImageCopy", "metadata": {"name": "c"},

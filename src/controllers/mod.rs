@@ -121,6 +121,20 @@ pub(crate) fn test_image(name: &str, uid: &str, deleting: bool) -> Image {
     image
 }
 
+/// A fresh embedded API server with `namespaces` created: its client and those Namespaces, for
+/// controller unit tests.
+#[cfg(test)]
+pub(crate) async fn test_api(namespaces: &[&str]) -> (Client, Vec<Namespace>) {
+    let client = crate::embedded::ApiServer::new().client();
+    let api: Api<Namespace> = Api::all(client.clone());
+    let mut created = Vec::new();
+    for name in namespaces {
+        let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("a Namespace");
+        created.push(api.create(&Default::default(), &ns).await.expect("the namespace is created"));
+    }
+    (client, created)
+}
+
 /// Writers of a test context's caches (see `Context::for_test`).
 #[cfg(test)]
 pub(crate) struct TestCaches {
@@ -283,10 +297,7 @@ impl Context {
         }
         let region = self.regions.get(&ObjectRef::new(name))?;
         match region::open(&region, self).await {
-            Ok(store) => {
-                self.stores.lock().ok()?.entry(name.to_string()).or_insert(store);
-                self.store(name)
-            }
+            Ok(store) => Some(self.stores.lock().ok()?.entry(name.to_string()).or_insert(store).clone()),
             Err(why) => {
                 tracing::info!(region = name, ?why, "cannot open the region's store");
                 None
@@ -626,7 +637,8 @@ pub async fn run(
         move |event, _store| {
             // A region came, went or changed: its images and the copies waiting for it re-run.
             let name = match event {
-                watcher::Event::Apply(region) => {
+                // After a re-list too: a region may have changed while the watch was down.
+                watcher::Event::Apply(region) | watcher::Event::InitApply(region) => {
                     let now = (region.metadata.generation, region::is_ready(region));
                     if seen.insert(region.name_any(), now) == Some(now) {
                         return;

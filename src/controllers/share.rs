@@ -204,24 +204,19 @@ fn backoff_key(share: &ImageShare) -> String {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Namespace;
+
     use kube::api::PostParams;
     use serde_json::json;
 
     use super::*;
-    use crate::embedded::ApiServer;
 
     /// A share's own watch can run it before the shared cache has it (or has its new spec):
     /// its status is of the share as it is, not as the cache last saw it.
     #[tokio::test]
     async fn a_share_the_cache_has_not_seen_yet_lists_its_members() {
-        let server = ApiServer::new();
-        let client = server.client();
+        let (client, namespaces) = crate::controllers::test_api(&["t", "u"]).await;
         let (ctx, mut caches) = Context::for_test(client.clone());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        for name in ["t", "u"] {
-            let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-            let ns = namespaces.create(&PostParams::default(), &ns).await.unwrap();
+        for ns in namespaces {
             caches.namespaces.apply_watcher_event(&kube::runtime::watcher::Event::Apply(ns));
         }
         let shares: Api<ImageShare> = Api::namespaced(client, "t");

@@ -136,10 +136,7 @@ async fn file_store_to_file_store(
         let what = if staged.len < size { "is shorter" } else { "is longer" };
         return Err(changed_under_us(from, from_object, size, what));
     }
-    (progress.report)(size, Some(size));
-    let sha256 = check(expect_sha256(expected), &staged.digests)?;
-    staged.commit().await?;
-    Ok((size, sha256))
+    Ok((size, staged.accept(expect_sha256(expected), &mut progress).await?))
 }
 
 /// What a copy's bytes must hash to: the source image's sha256 (any case).

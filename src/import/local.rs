@@ -25,7 +25,7 @@ use std::{
 
 use sha2::{Digest, Sha256, Sha512};
 
-use super::{ImportError, Progress, hex, pipeline::Digests};
+use super::{Expected, ImportError, Progress, check, hex, pipeline::Digests};
 
 /// How much the copier copies before it tells the hasher. For a 4 GiB import, 32 MiB steps took
 /// 3.17 s (median of 5) against 3.40 s for 4 MiB and 4.75 s for 1 MiB; for 1 GiB, smaller steps
@@ -50,6 +50,19 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    /// Accepts the copy when its digests match `want`: reports it done, renames the staging file
+    /// into place and returns the sha256.
+    pub(crate) async fn accept(
+        self,
+        want: Option<Expected>,
+        progress: &mut Progress<'_>,
+    ) -> Result<String, ImportError> {
+        (progress.report)(self.len, Some(self.len));
+        let sha256 = check(want, &self.digests)?;
+        self.commit().await?;
+        Ok(sha256)
+    }
+
     /// Renames the staging file into place.
     pub(crate) async fn commit(mut self) -> Result<(), ImportError> {
         let staging = self.staging.take().expect("a staged copy is committed once");

@@ -255,10 +255,7 @@ async fn file_into_file_store(
         return Err(ImportError::TooLarge { limit });
     }
     let len = staged.len;
-    (progress.report)(len, Some(len));
-    let sha256 = check(want, &staged.digests)?;
-    staged.commit().await?;
-    Ok((len, sha256))
+    Ok((len, staged.accept(want, &mut progress).await?))
 }
 
 /// The sha256 of the bytes, when they match the expected checksum (if any).

@@ -296,14 +296,13 @@ fn error_policy(image: Arc<Image>, err: &Error, ctx: Arc<Context>) -> Action {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Namespace;
+
     use kube::api::PostParams;
     use serde_json::json;
 
     use super::*;
     use crate::{
         api::Region,
-        embedded::ApiServer,
         store::{RegionStore, StoreConfig},
     };
 
@@ -311,10 +310,7 @@ mod tests {
     /// deleting an image then still removes its bytes.
     #[tokio::test]
     async fn deleting_an_image_removes_its_bytes_before_the_region_is_probed() {
-        let client = ApiServer::new().client();
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let ns = serde_json::from_value(json!({"metadata": {"name": "t"}})).unwrap();
-        namespaces.create(&PostParams::default(), &ns).await.unwrap();
+        let (client, _) = crate::controllers::test_api(&["t"]).await;
         let api: Api<Image> = Api::namespaced(client.clone(), "t");
         let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
             "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
