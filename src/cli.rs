@@ -247,6 +247,9 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
     tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone()));
     let config = kube::Config::infer().await.map_err(|e| CliError::Config(e.to_string()))?;
     let url = config.cluster_url.to_string();
+    // The Lease gets a client of its own (see `leader::run`). Both retry 429/503/504 with
+    // backoff and honour Retry-After (kube's default retry policy).
+    let lease_client = Client::try_from(config.clone()).map_err(|e| CliError::Config(e.to_string()))?;
     let client = Client::try_from(config).map_err(|e| CliError::Config(e.to_string()))?;
     let timeout = Duration::from_secs(args.connect_timeout);
     let unreachable = |reason: String| CliError::Unreachable { url: url.clone(), reason };
@@ -285,7 +288,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
                 identity,
                 duration: Duration::from_secs(args.lease_duration.max(2)),
             };
-            crate::leader::run(client, lease, config, shutdown.clone()).await;
+            crate::leader::run(client, lease_client, lease, config, shutdown.clone()).await;
         } else {
             controllers::run(client, config, shutdown.clone()).await;
         }

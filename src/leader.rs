@@ -153,13 +153,17 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
 /// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
 /// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
 /// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
+///
+/// `lease_client` reads and renews the Lease: a client of its own (its own connections), so
+/// renewals never queue behind the controllers' traffic on `client`.
 pub async fn run(
     client: Client,
+    lease_client: Client,
     lease: LeaseConfig,
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
+    let api: Api<Lease> = Api::namespaced(lease_client, &lease.namespace);
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let mut seen = None;
     let mut waiting_on = None;

@@ -755,6 +755,7 @@ fn every_rendered_object_is_made_of_real_kubernetes_fields() {
             admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
             apps::v1::Deployment,
             core::v1::{ConfigMap, Namespace, ServiceAccount},
+            flowcontrol::v1::FlowSchema,
             rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
         },
         apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -778,6 +779,7 @@ fn every_rendered_object_is_made_of_real_kubernetes_fields() {
             "Role" => round_trip::<Role>(&doc),
             "RoleBinding" => round_trip::<RoleBinding>(&doc),
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(&doc),
+            "FlowSchema" => round_trip::<FlowSchema>(&doc),
             other => panic!("no Kubernetes type known for {other}: add it here"),
         };
         assert!(

@@ -79,16 +79,21 @@ pub struct Reservation {
     pub name: String,
     /// Region the slot is in.
     pub region: String,
-    /// Bytes counted for this image (known once stored).
-    #[serde(default)]
+    /// Bytes counted for this image (known once stored; omitted while 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub bytes: i64,
-    /// True while the image's bytes are being imported (counts against concurrentImports).
-    #[serde(default)]
+    /// True while the image's bytes are being imported (counts against concurrentImports;
+    /// omitted while false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub importing: bool,
     /// True while the image's bytes are being copied from another region (counts against
     /// concurrentCrossRegionCopies as well).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cross_region: bool,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// Live usage, kept by the operator with compare-and-swap writes.
@@ -102,9 +107,11 @@ pub struct ImageQuotaStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["region".into()]))]
     pub used: Vec<RegionUsage>,
-    /// The ledger: one entry per admitted owned image.
+    /// The ledger: one entry per admitted owned image. Written whole by the operator alone
+    /// (an atomic list: its field ownership is one entry, not one per image, so the object stays
+    /// small enough for etcd at 10,000 images).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["uid".into()]))]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub reservations: Vec<Reservation>,
     /// Readable usage, e.g. `eu-west: 3/50 images`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@
 pub mod copy;
 pub mod image;
 pub mod index;
+pub mod ledger;
 pub mod quota;
 pub mod region;
 pub mod share;
@@ -105,6 +106,8 @@ pub struct Context {
     pub stopping: Shutdown,
     /// Byte moves in flight; the Image watch stops the one whose image is being deleted.
     pub moves: Arc<Moves>,
+    /// The quota ledgers (one writer task per namespace).
+    pub ledger: ledger::Ledger,
 }
 
 /// A DataDisk Image `t/name` with `uid`, being deleted or not, for controller unit tests.
@@ -221,7 +224,7 @@ impl Context {
         let ctx = Context {
             client: client.clone(),
             config: Config::default(),
-            images,
+            images: images.clone(),
             regions,
             shares: reflector::store().0,
             namespaces,
@@ -233,6 +236,13 @@ impl Context {
             backoff: Backoff::default(),
             stopping: futures::future::FutureExt::shared(Box::pin(futures::future::pending())),
             moves: Arc::default(),
+            ledger: ledger::Ledger::new(
+                client.clone(),
+                Policy::default(),
+                images.clone(),
+                mpsc::unbounded().0,
+                Arc::default(),
+            ),
             recorder: kube::runtime::events::Recorder::new(
                 client,
                 kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
@@ -395,6 +405,8 @@ where
     let store = reader.clone();
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        // Nobody reads managedFields: not kept (a third of a cached Image).
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
         .for_each(move |event| {
             if let Ok(event) = event {
@@ -413,7 +425,14 @@ pub(crate) fn controller<K>(client: &Client, shutdown: Shutdown) -> Controller<K
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
+    stopping_on(Controller::new(Api::<K>::all(client.clone()), watcher::Config::default()), shutdown)
+}
+
+/// `controller` stopping gracefully on `shutdown` once its cache has synced (see [`controller`]).
+pub(crate) fn stopping_on<K>(controller: Controller<K>, shutdown: Shutdown) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
     let synced = controller.store();
     controller.graceful_shutdown_on(async move {
         shutdown.await;
@@ -685,8 +704,16 @@ pub async fn run(
         _ = ready => {}
         _ = shutdown.clone() => { caches.abort(); return; }
     }
+    let ledger = ledger::Ledger::new(
+        client.clone(),
+        config.policy.clone(),
+        images.clone(),
+        triggers.images.clone(),
+        config.metrics.clone(),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
+        ledger,
         config,
         images,
         regions,

@@ -13,7 +13,6 @@ use kube::{
         controller::Action,
         finalizer::{Event, finalizer},
         reflector::ObjectRef,
-        watcher,
     },
 };
 
@@ -23,16 +22,22 @@ mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{
-    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageQuota, ImageStatus},
-    policy::image::{visibility_allowed, with_phase},
+    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageStatus},
+    policy::{
+        image::{visibility_allowed, with_phase},
+        quota::Answer,
+    },
 };
 
 /// Field manager of Image status.
 pub const MANAGER: &str = "ims-operator/image";
 const GIB: u64 = 1 << 30;
-/// A waiting image (region, quota, import slot) is re-run by the watches on Regions and
-/// ImageQuotas; this re-check covers an image that entered the cache after such an event.
+/// A waiting image (region, quota, import slot) is re-run by the Region watch and by the quota
+/// ledger; this re-check covers an image that entered the cache after such an event, and one
+/// waiting behind older images in line (which may end without asking the ledger).
 const WAITING_RECHECK: Duration = Duration::from_secs(10);
+/// A backstop for an image the ledger wakes (a full region, no import slot).
+const LEDGER_RECHECK: Duration = Duration::from_secs(300);
 
 /// Runs the Image controller until shutdown.
 pub async fn run(
@@ -41,21 +46,9 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     // A Region change re-runs its images through `triggers`, sent by the shared Region watch
-    // once its cache has the change (a watch of its own could run them on a stale cache).
+    // once its cache has the change (a watch of its own could run them on a stale cache); the
+    // quota ledger sends those waiting for room or a slot when their turn can have come.
     super::controller::<Image>(&ctx.client, shutdown)
-        .watches(Api::<ImageQuota>::all(ctx.client.clone()), watcher::Config::default(), {
-            let images = ctx.images.clone();
-            move |quota: ImageQuota| {
-                let namespace = quota.namespace();
-                images
-                    .state()
-                    .iter()
-                    .filter(|i| i.namespace() == namespace)
-                    .filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(ImagePhase::Queued))
-                    .map(|i| ObjectRef::from_obj(i.as_ref()))
-                    .collect::<Vec<_>>()
-            }
-        })
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -68,6 +61,14 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error
     let Some(namespace) = image.namespace() else { return Ok(Action::await_change()) };
     let key = format!("{namespace}/{}", image.name_any());
     let api: Api<Image> = Api::namespaced(ctx.client.clone(), &namespace);
+    if image.spec.source.image.is_some() && !image.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+        // A reference holds no bytes and no quota: nothing to clean up, so no finalizer (one
+        // write fewer per reference). One that has it from an older version is cleaned up below.
+        if image.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        return apply(image, &ctx, &api).await.inspect(|_| ctx.backoff.reset(&key));
+    }
     finalizer(&api, CLEANUP_FINALIZER, image, |event| async {
         match event {
             Event::Apply(image) => apply(image, &ctx, &api).await,
@@ -98,6 +99,11 @@ async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
     }
     let Some((phase, reason)) = now else { return };
     let warning = matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == "QuotaExceeded";
+    if !warning && image.spec.source.image.is_some() {
+        // A reference binding is no news (10,000 of them would be 10,000 Events): only what
+        // goes wrong with it is.
+        return;
+    }
     let note = desired.message.as_deref().unwrap_or_default();
     ctx.publish_event(&image.object_ref(&()), warning, reason, note, "Reconcile").await;
 }
@@ -206,23 +212,31 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             }
         },
     };
-    if let quota::Admission::OverQuota(message) = quota::admit(ctx, &image).await? {
-        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "QuotaExceeded", &message, &now))
-            .await?;
-        return Ok(Action::requeue(WAITING_RECHECK));
-    }
-    let waiting = match quota::start_import(ctx, &image, cross_region).await? {
-        quota::Slot::Held => None,
-        quota::Slot::NoImportSlot => Some(format!(
-            "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
+    let waiting = match quota::admit(ctx, &image, cross_region).await? {
+        Answer::Started => None,
+        Answer::OverQuota(message) => {
+            // Behind older images in line (a burst): soon; a full region: when the ledger says.
+            let recheck = if message.contains("older images wait") { WAITING_RECHECK } else { LEDGER_RECHECK };
+            Some(("QuotaExceeded", message, recheck))
+        }
+        Answer::NoCrossRegionSlot => Some((
+            "Queued",
+            format!(
+                "waiting for a cross-region copy slot: namespace {namespace} has as many cross-region copies in flight as concurrentCrossRegionCopies allows; it starts when one finishes"
+            ),
+            LEDGER_RECHECK,
         )),
-        quota::Slot::NoCrossRegionSlot => Some(format!(
-            "waiting for a cross-region copy slot: namespace {namespace} has as many cross-region copies in flight as concurrentCrossRegionCopies allows; it starts when one finishes"
+        _ => Some((
+            "Queued",
+            format!(
+                "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
+            ),
+            LEDGER_RECHECK,
         )),
     };
-    if let Some(message) = waiting {
-        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "Queued", &message, &now)).await?;
-        return Ok(Action::requeue(WAITING_RECHECK));
+    if let Some((reason, message, recheck)) = waiting {
+        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, reason, &message, &now)).await?;
+        return Ok(Action::requeue(recheck));
     }
     let limit_gib = match region.spec.max_image_size_gib {
         Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
@@ -321,7 +335,7 @@ mod tests {
         let region: Region = serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region",
             "metadata": {"name": "r"}, "spec": {"storage": {"url": "file:///var/lib/ims/r"}}}))
         .unwrap();
-        caches.regions.apply_watcher_event(&watcher::Event::Apply(region.clone()));
+        caches.regions.apply_watcher_event(&kube::runtime::watcher::Event::Apply(region.clone()));
         // The bytes a previous leader stored.
         let store = RegionStore::open(&region.spec.storage, &ctx.config.stores, None).unwrap();
         let prefix = store.image_prefix("t", "i", &image.uid().unwrap());
