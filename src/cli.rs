@@ -247,10 +247,15 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
     tokio::spawn(admin::serve(listener, readiness.clone(), metrics.clone()));
     let config = kube::Config::infer().await.map_err(|e| CliError::Config(e.to_string()))?;
     let url = config.cluster_url.to_string();
-    // The Lease gets a client of its own (see `leader::run`). Both retry 429/503/504 with
-    // backoff and honour Retry-After (kube's default retry policy).
-    let lease_client = Client::try_from(config.clone()).map_err(|e| CliError::Config(e.to_string()))?;
+    let lease_config = config.clone();
     let client = Client::try_from(config).map_err(|e| CliError::Config(e.to_string()))?;
+    // The Lease gets a client of its own, made on the election's own runtime (see `leader::run`);
+    // the same configuration just made `client`. Both retry 429/503/504 with backoff and honour
+    // Retry-After (kube's default retry policy).
+    let lease_client = {
+        let fallback = client.clone();
+        move || Client::try_from(lease_config).unwrap_or(fallback)
+    };
     let timeout = Duration::from_secs(args.connect_timeout);
     let unreachable = |reason: String| CliError::Unreachable { url: url.clone(), reason };
     let version = tokio::time::timeout(timeout, client.apiserver_version())

@@ -135,7 +135,7 @@ async fn hold(api: &Api<Lease>, cfg: &LeaseConfig) {
 }
 
 /// Gives the Lease up (graceful shutdown): the standby need not wait for it to expire.
-async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+async fn release_lease(api: &Api<Lease>, cfg: &LeaseConfig) {
     let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else { return };
     let mut spec = lease.spec.clone().unwrap_or_default();
     if spec.holder_identity.as_deref() != Some(&cfg.identity) {
@@ -150,65 +150,144 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
     }
 }
 
-/// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
-/// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
-/// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
-///
-/// `lease_client` reads and renews the Lease: a client of its own (its own connections), so
-/// renewals never queue behind the controllers' traffic on `client`.
-pub async fn run(
+/// How the elector is told to stop: the graceful path releases the Lease; a candidate that dies
+/// (its future dropped) stops renewing without releasing it, as a killed process would.
+struct Release;
+
+/// Takes part in the election until told to stop: says through `leading` whether this candidate
+/// holds the Lease now.
+async fn elect(
     client: Client,
-    lease_client: Client,
     lease: LeaseConfig,
-    config: Config,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    leading: tokio::sync::watch::Sender<bool>,
+    readiness: crate::admin::Readiness,
+    mut stop: tokio::sync::oneshot::Receiver<Release>,
 ) {
-    let api: Api<Lease> = Api::namespaced(lease_client, &lease.namespace);
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let api: Api<Lease> = Api::namespaced(client, &lease.namespace);
     let mut seen = None;
     let mut waiting_on = None;
     loop {
         let won = tokio::select! {
-            _ = shutdown.clone() => return,
+            release = &mut stop => {
+                if release.is_ok() {
+                    release_lease(&api, &lease).await;
+                }
+                return;
+            }
             attempt = try_acquire(&api, &lease, &mut seen) => attempt,
         };
-        match won {
-            Ok(Attempt::Won) => {}
+        let pause = match won {
+            Ok(Attempt::Won) => None,
             Ok(Attempt::Held(holder)) => {
                 // A healthy standby is ready: it has nothing to sync until it leads.
-                config.readiness.set(true);
+                readiness.set(true);
                 if waiting_on.as_ref() != Some(&holder) {
                     tracing::info!(%holder, "standing by: another instance leads");
                     waiting_on = Some(holder);
                 }
-                tokio::select! {
-                    _ = shutdown.clone() => return,
-                    _ = tokio::time::sleep(lease.retry()) => continue,
-                }
+                Some(lease.retry())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read or take the lease");
-                tokio::select! {
-                    _ = shutdown.clone() => return,
-                    _ = tokio::time::sleep(lease.retry()) => continue,
+                Some(lease.retry())
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                release = &mut stop => {
+                    if release.is_ok() {
+                        release_lease(&api, &lease).await;
+                    }
+                    return;
                 }
+                _ = tokio::time::sleep(pause) => continue,
             }
         }
         tracing::info!(identity = %lease.identity, "leading: starting controllers");
         waiting_on = None;
         seen = None;
-        let controllers = tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone()));
+        let _ = leading.send(true);
         tokio::select! {
             _ = hold(&api, &lease) => {
-                controllers.abort();
-                let _ = controllers.await;
-                config.readiness.set(false);
+                let _ = leading.send(false);
             }
-            _ = shutdown.clone() => {
-                let _ = controllers.await;
-                release(&api, &lease).await;
+            release = &mut stop => {
+                if release.is_ok() {
+                    release_lease(&api, &lease).await;
+                }
                 return;
             }
         }
     }
+}
+
+/// Waits until `leading` says `leads`; false when the elector is gone.
+async fn until(leading: &mut tokio::sync::watch::Receiver<bool>, leads: bool) -> bool {
+    leading.wait_for(|now| *now == leads).await.is_ok()
+}
+
+/// Aborts a task when dropped: a candidate that dies takes its controllers with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
+/// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
+/// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
+///
+/// The election runs on a thread of its own with its own runtime, and with the client that
+/// `lease_client` makes there (its own connections): however busy the controllers keep this
+/// process and its client, renewals are neither queued behind them nor starved of CPU.
+pub async fn run(
+    client: Client,
+    lease_client: impl FnOnce() -> Client + Send + 'static,
+    lease: LeaseConfig,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    let readiness = config.readiness.clone();
+    let elector = std::thread::Builder::new().name("ims-lease".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // The client is made inside the runtime: its connections and workers live there.
+            Ok(runtime) => runtime.block_on(async move {
+                elect(lease_client(), lease, leading_tx, readiness, stopped).await;
+            }),
+            Err(e) => tracing::error!(error = %e, "cannot start the leader election's runtime"),
+        }
+        let _ = done_tx.send(());
+    });
+    if let Err(e) = elector {
+        tracing::error!(error = %e, "cannot start the leader election's thread");
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.clone() => break,
+            elector_alive = until(&mut leading, true) => if !elector_alive { return },
+        }
+        let mut controllers =
+            AbortOnDrop(tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone())));
+        tokio::select! {
+            _ = until(&mut leading, false) => {
+                controllers.0.abort();
+                let _ = (&mut controllers.0).await;
+                config.readiness.set(false);
+            }
+            _ = shutdown.clone() => {
+                let _ = (&mut controllers.0).await;
+                break;
+            }
+        }
+    }
+    // Graceful: release the Lease and wait for the elector to say it has.
+    let _ = stop.send(Release);
+    let _ = done.await;
 }

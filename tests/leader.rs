@@ -67,7 +67,8 @@ scenarios! {
                 identity: identity.into(),
                 duration: Duration::from_secs(2),
             };
-            tokio::spawn(leader::run(env.client.clone(), env.client.clone(), lease, config.clone(), futures::future::pending::<()>()))
+            let lease_client = { let c = env.client.clone(); move || c };
+            tokio::spawn(leader::run(env.client.clone(), lease_client, lease, config.clone(), futures::future::pending::<()>()))
         };
         let a = candidate("a");
         let leases: Api<Lease> = Api::namespaced(env.client.clone(), &config.operator_namespace);
