@@ -39,7 +39,7 @@ const RECHECK: Duration = Duration::from_secs(10);
 /// Runs the ImageCopy controller until shutdown; `triggers` re-run copies whose source or
 /// destination Image changed, or that wait for a cross-region slot another copy freed.
 pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageCopy>>, shutdown: Shutdown) {
-    super::controller::<ImageCopy>(&ctx.client, shutdown)
+    super::controller(ctx.copies.clone(), shutdown)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

@@ -392,10 +392,13 @@ impl Error {
 /// A shutdown trigger every controller can await.
 pub type Shutdown = futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>;
 
-/// A reflector store of `K` over all namespaces, and the task that keeps it current; `hook`
-/// sees every event after the store has it (to keep indexes and trigger dependents).
+/// A reflector store of `K` over all namespaces, and the task that keeps it current: the one
+/// cache of `K` in the process (its controller reads it too). Every object it applies is sent
+/// to `own` (its controller's queue); `hook` sees every event after the store has it (to keep
+/// indexes and trigger dependents).
 fn reflect<K>(
     client: &Client,
+    own: Option<mpsc::UnboundedSender<ObjectRef<K>>>,
     mut hook: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
@@ -410,6 +413,9 @@ where
         .reflect(writer)
         .for_each(move |event| {
             if let Ok(event) = event {
+                if let (Some(own), watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = (&own, &event) {
+                    let _ = own.unbounded_send(ObjectRef::from_obj(o));
+                }
                 hook(&event, &store);
             }
             futures::future::ready(())
@@ -417,15 +423,16 @@ where
     (reader, Box::pin(stream))
 }
 
-/// A Controller of every `K` that stops gracefully on `shutdown`, but not before its own cache
-/// has synced: kube holds a controller's reconciles until that cache syncs, and stops polling the
-/// watch that syncs it once the shutdown trigger fires, so a SIGTERM right after the start would
-/// otherwise leave it waiting forever.
-pub(crate) fn controller<K>(client: &Client, shutdown: Shutdown) -> Controller<K>
+/// A Controller of every `K` in `cache` (the process's one cache of `K`, see [`reflect`], which
+/// also queues every change of a `K` for it) that stops gracefully on `shutdown`, but not
+/// before that cache has synced: kube holds a controller's reconciles until its cache syncs, and
+/// a SIGTERM right after the start would otherwise leave it waiting forever.
+pub(crate) fn controller<K>(cache: Store<K>, shutdown: Shutdown) -> Controller<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    stopping_on(Controller::new(Api::<K>::all(client.clone()), watcher::Config::default()), shutdown)
+    let own = futures::stream::pending::<Result<K, watcher::Error>>();
+    stopping_on(Controller::for_stream(own, cache), shutdown)
 }
 
 /// `controller` stopping gracefully on `shutdown` once its cache has synced (see [`controller`]).
@@ -583,7 +590,7 @@ pub async fn run(
     let (copy_tx, copy_rx) = mpsc::unbounded();
     let triggers = Triggers { regions: region_tx, images: image_tx, shares: share_tx, copies: copy_tx };
     let moves = Arc::new(Moves::default());
-    let (images, images_task) = reflect::<Image>(&client, {
+    let (images, images_task) = reflect::<Image>(&client, Some(triggers.images.clone()), {
         let (ix, t, moves) = (ix.clone(), triggers.clone(), moves.clone());
         move |event, store| {
             moves.on_image_event(event, store);
@@ -597,7 +604,7 @@ pub async fn run(
             }
         }
     });
-    let (copies, copies_task) = reflect::<ImageCopy>(&client, {
+    let (copies, copies_task) = reflect::<ImageCopy>(&client, Some(triggers.copies.clone()), {
         let (ix, t) = (ix.clone(), triggers.clone());
         move |event, store| {
             // A copy ended or went away: the copies of its namespace waiting for a cross-region
@@ -620,7 +627,7 @@ pub async fn run(
             });
         }
     });
-    let (shares, shares_task) = reflect::<ImageShare>(&client, {
+    let (shares, shares_task) = reflect::<ImageShare>(&client, Some(triggers.shares.clone()), {
         let (references, shares_of, t) = (references.clone(), shares_of.clone(), triggers.clone());
         move |event, store| {
             // A share changed: the references to its image re-run (grant or revocation).
@@ -631,7 +638,7 @@ pub async fn run(
             });
         }
     });
-    let (namespaces, namespaces_task) = reflect::<Namespace>(&client, {
+    let (namespaces, namespaces_task) = reflect::<Namespace>(&client, None, {
         let t = triggers.clone();
         let shares = shares.clone();
         move |event, _store| {
@@ -648,7 +655,7 @@ pub async fn run(
             );
         }
     });
-    let (regions, regions_task) = reflect::<Region>(&client, {
+    let (regions, regions_task) = reflect::<Region>(&client, Some(triggers.regions.clone()), {
         let (t, copies, images) = (triggers.clone(), copies.clone(), images.clone());
         // What images and copies depend on, by region: its spec and whether it is Ready (not its
         // counts, which change with every image).

@@ -30,7 +30,7 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
     // A Secret created, rotated or deleted re-probes the Regions that name it, with the new
     // credentials, at once (only the operator's namespace is watched: the Role grants no more).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.config.operator_namespace);
-    super::controller::<Region>(&client, shutdown)
+    super::controller(ctx.regions.clone(), shutdown)
         .reconcile_on(triggers)
         .watches(secrets, watcher::Config::default().any_semantic(), move |secret: Secret| {
             let name = secret.name_any();

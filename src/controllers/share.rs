@@ -25,7 +25,7 @@ pub const MANAGER: &str = "ims-operator/imageshare";
 /// Runs the ImageShare controller until shutdown; `triggers` re-run shares whose image, or a
 /// reference to it, or a member namespace changed.
 pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<ImageShare>>, shutdown: Shutdown) {
-    super::controller::<ImageShare>(&ctx.client, shutdown)
+    super::controller(ctx.shares.clone(), shutdown)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

@@ -48,7 +48,7 @@ pub async fn run(
     // A Region change re-runs its images through `triggers`, sent by the shared Region watch
     // once its cache has the change (a watch of its own could run them on a stale cache); the
     // quota ledger sends those waiting for room or a slot when their turn can have come.
-    super::controller::<Image>(&ctx.client, shutdown)
+    super::controller(ctx.images.clone(), shutdown)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
