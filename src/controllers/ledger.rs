@@ -60,8 +60,6 @@ struct Books {
 
 struct Pending {
     request: Request,
-    /// The image asking (who to wake when it has to wait).
-    image: Option<(String, Line)>,
     reply: oneshot::Sender<Result<Answer, String>>,
 }
 
@@ -94,10 +92,11 @@ impl Ledger {
     }
 
     /// Applies `request` to the ledger of `namespace` (with whatever else is queued for it) and
-    /// answers once it is written. `image` is the asking image (name, place in line).
-    pub async fn ask(&self, namespace: &str, request: Request, image: Option<(String, Line)>) -> Result<Answer, Error> {
+    /// answers once it is written. An applicant that has to wait is woken when its turn can
+    /// have come.
+    pub async fn ask(&self, namespace: &str, request: Request) -> Result<Answer, Error> {
         let (reply, answer) = oneshot::channel();
-        let mut pending = Pending { request, image, reply };
+        let mut pending = Pending { request, reply };
         for _ in 0..2 {
             let queue = {
                 let mut queues = self.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -176,7 +175,7 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
         for (p, answer) in pending.into_iter().zip(answers(&outcome, requests.len())) {
             if let Some(uid) = uid_of(&p.request) {
                 waiting.remove(uid);
-                if let (Ok(answer), Some((name, line)), Request::Admit(a)) = (&answer, &p.image, &p.request) {
+                if let (Ok(answer), Request::Admit(a)) = (&answer, &p.request) {
                     let what = match answer {
                         Answer::OverQuota(_) => Some(Wait::Place),
                         Answer::NoImportSlot => Some(Wait::Import),
@@ -184,10 +183,9 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
                         _ => None,
                     };
                     if let Some(what) = what {
-                        waiting.insert(
-                            uid.to_string(),
-                            Waiter { name: name.clone(), region: a.region.clone(), line: line.clone(), what },
-                        );
+                        let waiter =
+                            Waiter { name: a.name.clone(), region: a.region.clone(), line: a.line.clone(), what };
+                        waiting.insert(uid.to_string(), waiter);
                     }
                 }
             }
@@ -277,8 +275,9 @@ fn wake(books: &Books, namespace: &str, waiting: &mut HashMap<String, Waiter>, q
     let status = quota.status.as_ref().unwrap_or(&empty);
     let room = room(status, &limits(&quota.spec, &books.policy));
     let mut woken = Vec::new();
+    // A ledger at its size limit has no place in any region until images are deleted.
     let mut regions: Vec<&str> =
-        waiting.values().filter(|w| w.what == Wait::Place).map(|w| w.region.as_str()).collect();
+        waiting.values().filter(|w| w.what == Wait::Place && !room.ledger_full).map(|w| w.region.as_str()).collect();
     regions.sort();
     regions.dedup();
     if !regions.is_empty() {
@@ -335,15 +334,14 @@ mod tests {
         image
     }
 
-    fn admit(image: &Image) -> (Request, Option<(String, Line)>) {
-        let applicant = Applicant {
+    fn admit(image: &Image) -> Request {
+        Request::Admit(Applicant {
             uid: image.uid().unwrap(),
             name: image.name_any(),
             region: image.spec.region.clone(),
             line: line_of(image),
             cross_region: false,
-        };
-        (Request::Admit(applicant), Some((image.name_any(), line_of(image))))
+        })
     }
 
     fn version(quota: &ImageQuota) -> u64 {
@@ -371,8 +369,8 @@ mod tests {
 
         // Asked youngest first: the line, not the order of arrival, decides.
         let asks = images.iter().rev().map(|i| {
-            let (ledger, (request, who)) = (ledger.clone(), admit(i));
-            async move { ledger.ask("t", request, who).await.unwrap() }
+            let (ledger, request) = (ledger.clone(), admit(i));
+            async move { ledger.ask("t", request).await.unwrap() }
         });
         let answers: Vec<Answer> = futures::future::join_all(asks).await.into_iter().rev().collect();
         let started = answers.iter().filter(|a| **a == Answer::Started).count();
@@ -390,7 +388,7 @@ mod tests {
         for n in [48, 49] {
             // Released images leave the cache as they would.
             writer.apply_watcher_event(&watcher::Event::Delete(images[n].clone()));
-            ledger.ask("t", release(n), None).await.unwrap();
+            ledger.ask("t", release(n)).await.unwrap();
         }
         let mut names = Vec::new();
         for _ in 0..2 {
@@ -399,7 +397,7 @@ mod tests {
         names.sort();
         assert_eq!(names, ["i050", "i051"]);
         // An import finishes: the oldest admitted without a slot (i010) is woken.
-        let finished = ledger.ask("t", Request::Finish { uid: "uid-000".into(), bytes: 7 }, None).await.unwrap();
+        let finished = ledger.ask("t", Request::Finish { uid: "uid-000".into(), bytes: 7 }).await.unwrap();
         assert_eq!(finished, Answer::Finished(None));
         assert_eq!(woken.next().await.unwrap().name, "i010");
         assert!(woken.try_recv().is_err(), "nobody else is woken");

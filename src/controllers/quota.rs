@@ -29,8 +29,7 @@ pub async fn admit(ctx: &Context, image: &Image, cross_region: bool) -> Result<A
 }
 
 async fn ask(ctx: &Context, image: &Image, request: Request) -> Result<Answer, Error> {
-    let namespace = image.namespace().unwrap_or_default();
-    ctx.ledger.ask(&namespace, request, Some((image.name_any(), line_of(image)))).await
+    ctx.ledger.ask(&image.namespace().unwrap_or_default(), request).await
 }
 
 /// Ends an import: frees its slot and records the bytes stored (0 when it failed). When the
@@ -52,7 +51,7 @@ pub async fn release(ctx: &Context, image: &Image) -> Result<(), Error> {
 /// Brings `hard`, `used`, `summary` and `observedGeneration` of a namespace's ledger up to date
 /// (after a change of ImageQuota.spec); images waiting for room it now has are re-run.
 pub async fn refresh(ctx: &Context, namespace: &str) -> Result<(), Error> {
-    ctx.ledger.ask(namespace, Request::Refresh, None).await.map(|_| ())
+    ctx.ledger.ask(namespace, Request::Refresh).await.map(|_| ())
 }
 
 /// Removes reservations whose image is gone (deleted without its finalizer running, e.g. a
@@ -75,7 +74,7 @@ pub async fn collect_garbage(ctx: &Context, namespace: &str) -> Result<usize, Er
     }
     if !stale.is_empty() {
         tracing::info!(namespace, reservations = stale.len(), "released reservations of images that are gone");
-        let releases = stale.iter().map(|uid| ctx.ledger.ask(namespace, Request::Release { uid: uid.clone() }, None));
+        let releases = stale.iter().map(|uid| ctx.ledger.ask(namespace, Request::Release { uid: uid.clone() }));
         futures::future::try_join_all(releases).await?;
     }
     Ok(stale.len())

@@ -308,6 +308,8 @@ pub struct Room {
     pub imports: i64,
     /// Free cross-region copy slots.
     pub cross_region: i64,
+    /// The ledger is at its size limit ([`LEDGER_BYTES`]): no place anywhere.
+    pub ledger_full: bool,
 }
 
 impl Room {
@@ -329,6 +331,9 @@ pub fn room(status: &ImageQuotaStatus, hard: &QuotaLimits) -> Room {
         images_limit: hard.private_images_per_region.max(0),
         imports: (hard.concurrent_imports - tally.importing).max(0),
         cross_region: (hard.concurrent_cross_region_copies - tally.cross_region).max(0),
+        // Room for one more reservation of a 63-character name and region.
+        ledger_full: status.reservations.iter().map(reservation_bytes).sum::<usize>() + 36 + 63 + 63 + 55
+            > LEDGER_BYTES,
     }
 }
 
@@ -508,6 +513,7 @@ mod tests {
         recount(&mut status, hard(1_000_000, 40, 5));
         let json = serde_json::to_vec(&status).unwrap();
         assert!(json.len() < LEDGER_BYTES, "10,000 reservations take {} bytes", json.len());
+        assert!(!room(&status, &hard(1_000_000, 40, 5)).ledger_full);
         let estimate: usize = status.reservations.iter().map(reservation_bytes).sum();
         assert!(estimate + 1000 >= json.len(), "the estimate ({estimate}) bounds the real size ({})", json.len());
         // Filled up to the budget, the next applicant is refused, saying why.
@@ -530,6 +536,7 @@ mod tests {
             "{answers:?}"
         );
         assert!(serde_json::to_vec(&status).unwrap().len() < 1_572_864, "under etcd's limit");
+        assert!(room(&status, &hard(1_000_000, 40, 5)).ledger_full, "nobody is woken for a place");
     }
 
     #[test]
