@@ -220,10 +220,23 @@ async fn apply(
     requests: &[Request],
     known: &mut Option<ImageQuota>,
 ) -> Result<Vec<Answer>, String> {
+    let admits = requests.iter().any(|r| matches!(r, Request::Admit(_)));
     for _ in 0..ATTEMPTS {
-        let mut quota = match known.take() {
-            Some(q) => q,
-            None => read(api).await.map_err(|e| e.to_string())?,
+        let quota = match known.take() {
+            Some(q) => Some(q),
+            // Only an admission needs a ledger made: with none, there is nothing to release or
+            // refresh (and a namespace being deleted refuses new objects).
+            None if !admits => api.get_opt(QUOTA_NAME).await.map_err(|e| e.to_string())?,
+            None => Some(read(api).await.map_err(|e| e.to_string())?),
+        };
+        let Some(mut quota) = quota else {
+            return Ok(requests
+                .iter()
+                .map(|r| match r {
+                    Request::Finish { .. } => Answer::Finished(None),
+                    _ => Answer::Done,
+                })
+                .collect());
         };
         let hard = limits(&quota.spec, &books.policy);
         let before = quota.status.clone().unwrap_or_default();
@@ -246,8 +259,9 @@ async fn apply(
                 *known = Some(written);
                 return Ok(answers);
             }
-            // Somebody else wrote it (a spec change, a previous leader): read it again.
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // Somebody else wrote it (a spec change, a previous leader), or deleted it: read
+            // it again.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -346,6 +360,21 @@ mod tests {
 
     fn version(quota: &ImageQuota) -> u64 {
         quota.metadata.resource_version.as_deref().unwrap().parse().unwrap()
+    }
+
+    /// Releasing (an image deleted) where there is no ledger, e.g. in a namespace being deleted
+    /// whose ImageQuota went first, is done at once and makes none.
+    #[tokio::test]
+    async fn a_release_without_a_ledger_is_done_and_makes_none() {
+        let (client, _) = crate::controllers::test_api(&["t"]).await;
+        let (wake, _woken) = futures::channel::mpsc::unbounded();
+        let ledger = Ledger::new(client.clone(), Policy::default(), reflector::store().0, wake, Arc::default());
+        let answer = ledger.ask("t", Request::Release { uid: "gone".into() }).await.unwrap();
+        assert_eq!(answer, Answer::Done);
+        let finished = ledger.ask("t", Request::Finish { uid: "gone".into(), bytes: 1 }).await.unwrap();
+        assert_eq!(finished, Answer::Finished(None));
+        let quotas: Api<ImageQuota> = Api::namespaced(client, "t");
+        assert!(quotas.get_opt(QUOTA_NAME).await.unwrap().is_none(), "no ledger was made");
     }
 
     /// 200 images asking at once of a ledger with room for 50 and 10 import slots: exactly the 50
