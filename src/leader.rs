@@ -104,32 +104,44 @@ async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig, seen: &mut Option<Obse
 
 /// Renews while we hold the Lease; returns when it is lost (or cannot be renewed in time).
 async fn hold(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let renew = || async {
+        let mut lease = api.get(&cfg.name).await?;
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(&cfg.identity) {
+            return Ok::<bool, kube::Error>(false);
+        }
+        spec.renew_time = Some(now());
+        lease.spec = Some(spec);
+        api.replace(&cfg.name, &PostParams::default(), &lease).await?;
+        Ok(true)
+    };
     let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(cfg.retry()).await;
-        let attempt = async {
-            let mut lease = api.get(&cfg.name).await?;
-            let mut spec = lease.spec.clone().unwrap_or_default();
-            if spec.holder_identity.as_deref() != Some(&cfg.identity) {
-                return Ok::<bool, kube::Error>(false);
+        // As client-go does: keep trying until the renew deadline, an attempt taking as long as
+        // is left of it, so an API server that is slow but answers still gets the renewal.
+        loop {
+            let left = cfg.renew_deadline().saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, renew()).await {
+                Ok(Ok(true)) => {
+                    renewed = Instant::now();
+                    break;
+                }
+                Ok(Ok(false)) => {
+                    tracing::warn!(lease = %cfg.name, "leadership lost: another candidate holds the lease");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not renew the lease");
+                    let left = cfg.renew_deadline().saturating_sub(renewed.elapsed());
+                    tokio::time::sleep((cfg.retry() / 4).min(left)).await;
+                }
+                Err(_) => {}
             }
-            spec.renew_time = Some(now());
-            lease.spec = Some(spec);
-            api.replace(&cfg.name, &PostParams::default(), &lease).await?;
-            Ok(true)
-        };
-        match tokio::time::timeout(cfg.retry(), attempt).await {
-            Ok(Ok(true)) => renewed = Instant::now(),
-            Ok(Ok(false)) => {
-                tracing::warn!(lease = %cfg.name, "leadership lost: another candidate holds the lease");
+            if renewed.elapsed() >= cfg.renew_deadline() {
+                tracing::warn!(lease = %cfg.name, "leadership lost: the lease was not renewed in time");
                 return;
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the lease"),
-            Err(_) => tracing::warn!("renewing the lease timed out"),
-        }
-        if renewed.elapsed() >= cfg.renew_deadline() {
-            tracing::warn!(lease = %cfg.name, "leadership lost: the lease was not renewed in time");
-            return;
         }
     }
 }

@@ -177,7 +177,7 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
                 waiting.remove(uid);
                 if let (Ok(answer), Request::Admit(a)) = (&answer, &p.request) {
                     let what = match answer {
-                        Answer::OverQuota(_) => Some(Wait::Place),
+                        Answer::OverQuota(_) | Answer::InLine(_) => Some(Wait::Place),
                         Answer::NoImportSlot => Some(Wait::Import),
                         Answer::NoCrossRegionSlot => Some(Wait::CrossRegion),
                         _ => None,
@@ -405,7 +405,10 @@ mod tests {
         let started = answers.iter().filter(|a| **a == Answer::Started).count();
         let slotless = answers.iter().filter(|a| **a == Answer::NoImportSlot).count();
         assert_eq!((started, slotless), (10, 40), "{answers:?}");
-        assert!(answers[..50].iter().all(|a| !matches!(a, Answer::OverQuota(_))), "the 50 oldest are admitted");
+        assert!(
+            answers[..50].iter().all(|a| matches!(a, Answer::Started | Answer::NoImportSlot)),
+            "the 50 oldest are admitted"
+        );
         assert!(answers[50..].iter().all(|a| matches!(a, Answer::OverQuota(m) if m.contains("50/50"))));
         let ledger_now = quotas.get("default").await.unwrap();
         let writes = version(&ledger_now) - version(&created);

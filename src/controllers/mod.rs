@@ -262,6 +262,11 @@ impl Context {
         action: &str,
     ) {
         use kube::runtime::events::{Event, EventType};
+        // A namespace being deleted refuses new objects, and nobody is left to read them (a
+        // deleted source's thousands of references would each try).
+        if object.namespace.as_deref().is_some_and(|ns| self.terminating(ns)) {
+            return;
+        }
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason,
@@ -272,6 +277,11 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, object).await {
             tracing::warn!(error = %e, "could not publish an event");
         }
+    }
+
+    /// Whether `namespace` is being deleted (as the Namespace cache shows it).
+    pub fn terminating(&self, namespace: &str) -> bool {
+        self.namespaces.get(&ObjectRef::new(namespace)).is_some_and(|n| n.metadata.deletion_timestamp.is_some())
     }
 
     fn cached_probe(&self, region: &str, generation: Option<i64>) -> Option<Probe> {
@@ -791,6 +801,27 @@ mod tests {
             let stopped = tokio::time::timeout(Duration::from_secs(30), run(client, config, shutdown)).await;
             assert!(stopped.is_ok(), "the controllers did not stop within 30 s of the shutdown");
         }
+    }
+
+    /// No Event goes into a namespace being deleted (it would be refused, and nobody reads it);
+    /// one goes into a live namespace.
+    #[tokio::test]
+    async fn events_skip_a_namespace_being_deleted() {
+        let (client, namespaces) = test_api(&["live", "gone"]).await;
+        let (ctx, mut caches) = Context::for_test(client.clone());
+        let mut gone = namespaces[1].clone();
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        caches.namespaces.apply_watcher_event(&watcher::Event::Apply(namespaces[0].clone()));
+        caches.namespaces.apply_watcher_event(&watcher::Event::Apply(gone));
+        for ns in ["live", "gone"] {
+            let mut image = test_image("i", "u", false);
+            image.metadata.namespace = Some(ns.into());
+            ctx.publish_event(&image.object_ref(&()), true, "SourceDeleted".into(), "gone", "Reconcile").await;
+        }
+        let events = |ns: &str| Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+        assert_eq!(events("live").list(&Default::default()).await.unwrap().items.len(), 1);
+        assert!(events("gone").list(&Default::default()).await.unwrap().items.is_empty());
     }
 
     async fn told(moving: &Moving) -> bool {

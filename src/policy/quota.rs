@@ -115,8 +115,10 @@ pub enum Request {
 pub enum Answer {
     /// The image holds its reservation and an import slot: it may move bytes.
     Started,
-    /// No room in the region (or older images wait before it): the message says how full.
+    /// No room in the region: the message says how full.
     OverQuota(String),
+    /// Room, but older images of the namespace wait for it first (a burst): the message says so.
+    InLine(String),
     /// Admitted, but all `concurrentImports` slots are taken.
     NoImportSlot,
     /// Admitted, but all `concurrentCrossRegionCopies` slots are taken.
@@ -246,9 +248,10 @@ pub fn settle(
                 if !has_room(used, ahead, limit) {
                     let region = &applicant.region;
                     let waiting = if used < limit { " and older images wait before it" } else { "" };
-                    answers[n] = Answer::OverQuota(format!(
+                    let message = format!(
                         "namespace {namespace} has {used}/{limit} images in region {region}{waiting}; it is admitted automatically when room appears (oldest first), or raise privateImagesPerRegion in ImageQuota default"
-                    ));
+                    );
+                    answers[n] = if used < limit { Answer::InLine(message) } else { Answer::OverQuota(message) };
                     continue;
                 }
                 let reservation = Reservation {
@@ -439,7 +442,7 @@ mod tests {
         let line: Vec<InLine> = older.iter().chain([&young]).map(in_line).collect();
         let answers = settle(&mut status, &hard(2, 40, 5), "t", std::slice::from_ref(&young), &line);
         assert!(
-            matches!(&answers[0], Answer::OverQuota(m) if m.contains("0/2") && m.contains("older images wait before it")),
+            matches!(&answers[0], Answer::InLine(m) if m.contains("0/2") && m.contains("older images wait before it")),
             "{answers:?}"
         );
         assert!(status.reservations.is_empty());

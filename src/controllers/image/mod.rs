@@ -136,6 +136,11 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     let generation = image.metadata.generation;
     let old = image.status.clone().unwrap_or_default();
     let now = status::now();
+    if old.phase != Some(ImagePhase::Active) && ctx.terminating(&namespace) {
+        // Its namespace is being deleted, and the image with it: no admission (its ledger may
+        // be gone already, and nothing new can be made there), no bytes.
+        return Ok(Action::await_change());
+    }
     match old.phase {
         // Bytes are immutable once Active: later spec changes only move observedGeneration.
         Some(ImagePhase::Active) => {
@@ -214,11 +219,10 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     };
     let waiting = match quota::admit(ctx, &image, cross_region).await? {
         Answer::Started => None,
-        Answer::OverQuota(message) => {
-            // Behind older images in line (a burst): soon; a full region: when the ledger says.
-            let recheck = if message.contains("older images wait") { WAITING_RECHECK } else { LEDGER_RECHECK };
-            Some(("QuotaExceeded", message, recheck))
-        }
+        // A full region: the ledger wakes it when room appears.
+        Answer::OverQuota(message) => Some(("QuotaExceeded", message, LEDGER_RECHECK)),
+        // Behind older images in line (a burst): those may also end without asking the ledger.
+        Answer::InLine(message) => Some(("QuotaExceeded", message, WAITING_RECHECK)),
         Answer::NoCrossRegionSlot => Some((
             "Queued",
             format!(
@@ -226,7 +230,8 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             ),
             LEDGER_RECHECK,
         )),
-        _ => Some((
+        // (Finished and Done answer other requests.)
+        Answer::NoImportSlot | Answer::Finished(_) | Answer::Done => Some((
             "Queued",
             format!(
                 "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
