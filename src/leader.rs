@@ -238,15 +238,6 @@ async fn until(leading: &mut tokio::sync::watch::Receiver<bool>, leads: bool) ->
     leading.wait_for(|now| *now == leads).await.is_ok()
 }
 
-/// Aborts a task when dropped: a candidate that dies takes its controllers with it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
 /// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
 /// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
@@ -285,16 +276,15 @@ pub async fn run(
             _ = shutdown.clone() => break,
             elector_alive = until(&mut leading, true) => if !elector_alive { return },
         }
-        let mut controllers =
-            AbortOnDrop(tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone())));
+        let mut controllers = tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone()));
         tokio::select! {
             _ = until(&mut leading, false) => {
-                controllers.0.abort();
-                let _ = (&mut controllers.0).await;
+                controllers.abort();
+                let _ = (&mut controllers).await;
                 config.readiness.set(false);
             }
             _ = shutdown.clone() => {
-                let _ = (&mut controllers.0).await;
+                let _ = (&mut controllers).await;
                 break;
             }
         }

@@ -274,8 +274,13 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, object).await {
-            tracing::warn!(error = %e, "could not publish an event");
+        match self.recorder.publish(&event, object).await {
+            Ok(()) => {}
+            // The namespace went, or is going, meanwhile (faster than its watch told us).
+            Err(kube::Error::Api(s)) if s.code == 404 || (s.code == 403 && s.message.contains("being terminated")) => {
+                tracing::debug!(error = %s, "no event: its namespace is gone");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not publish an event"),
         }
     }
 
