@@ -171,7 +171,9 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
             // The spec changed: decide on the limits the API server has now.
             known = None;
         }
-        let outcome = apply(&books, &api, &namespace, &requests, &mut known).await;
+        // The namespace's line, as the cache shows it: read once for the batch and the waking.
+        let line = in_line(&books.images, &namespace);
+        let outcome = apply(&books, &api, &namespace, &requests, &line, &mut known).await;
         for (p, answer) in pending.into_iter().zip(answers(&outcome, requests.len())) {
             if let Some(uid) = uid_of(&p.request) {
                 waiting.remove(uid);
@@ -192,7 +194,7 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
             let _ = p.reply.send(answer);
         }
         if let Some(quota) = &known {
-            wake(&books, &namespace, &mut waiting, quota);
+            wake(&books, &namespace, &mut waiting, quota, &line);
         }
     }
 }
@@ -218,6 +220,7 @@ async fn apply(
     api: &Api<ImageQuota>,
     namespace: &str,
     requests: &[Request],
+    line: &[InLine],
     known: &mut Option<ImageQuota>,
 ) -> Result<Vec<Answer>, String> {
     let admits = requests.iter().any(|r| matches!(r, Request::Admit(_)));
@@ -241,7 +244,7 @@ async fn apply(
         let hard = limits(&quota.spec, &books.policy);
         let before = quota.status.clone().unwrap_or_default();
         let mut status = before.clone();
-        let answers = settle(&mut status, &hard, namespace, requests, &in_line(&books.images, namespace));
+        let answers = settle(&mut status, &hard, namespace, requests, line);
         status.observed_generation = quota.metadata.generation;
         if status == before {
             *known = Some(quota);
@@ -281,7 +284,7 @@ fn in_line(images: &Store<Image>, namespace: &str) -> Vec<InLine> {
 /// Re-runs the waiting images whose turn has come: per region, those among the first `room`
 /// images of the line without a place; then the oldest waiting for import (and cross-region)
 /// slots, as many as are free. Each is woken once; refused again, it waits again.
-fn wake(books: &Books, namespace: &str, waiting: &mut HashMap<String, Waiter>, quota: &ImageQuota) {
+fn wake(books: &Books, namespace: &str, waiting: &mut HashMap<String, Waiter>, quota: &ImageQuota, line: &[InLine]) {
     if waiting.is_empty() {
         return;
     }
@@ -295,7 +298,6 @@ fn wake(books: &Books, namespace: &str, waiting: &mut HashMap<String, Waiter>, q
     regions.sort();
     regions.dedup();
     if !regions.is_empty() {
-        let line = in_line(&books.images, namespace);
         let reserved: std::collections::HashSet<&str> = status.reservations.iter().map(|r| r.uid.as_str()).collect();
         for region in regions {
             let mut queue: Vec<&InLine> =
