@@ -1,4 +1,5 @@
-//! The five `ims.io/v1alpha1` kinds of the API contract (`shared/API.md`), one file a kind.
+//! The five `ims.io/v1alpha1` kinds of the API contract (docs/API.md), one file a kind, and
+//! their condition vocabulary ([`conditions`]).
 //!
 //! Doc comments on fields are what `kubectl explain` shows: they are written for users.
 
@@ -13,6 +14,8 @@ mod image_quota;
 mod image_share;
 #[allow(clippy::duplicated_attributes)]
 mod region;
+
+pub mod conditions;
 
 pub use image::*;
 pub use image_copy::*;

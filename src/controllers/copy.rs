@@ -17,13 +17,14 @@ use kube::{
     },
 };
 
-use super::{Context, Error, Shutdown, status, status::Want};
+use super::{Context, Error, Shutdown, status};
 use crate::{
     api::{
         CLEANUP_FINALIZER, CopyPhase, CopySource, Image, ImageCopy, ImageCopyStatus, ImagePhase, ImageQuota,
-        ImageSource, ImageSpec, ImageType, Progress, QUOTA_NAME, Visibility,
+        ImageSource, ImageSpec, Progress, QUOTA_NAME, Visibility,
+        conditions::{ConditionType, Progressing, Reason, conditions, find, kstatus, ready_reason},
     },
-    policy::quota::limits,
+    policy::{self, quota::limits},
 };
 
 /// Field manager of ImageCopy status (and creator of destination Images).
@@ -32,7 +33,6 @@ pub const MANAGER: &str = "ims-operator/imagecopy";
 pub const COPY_UID_LABEL: &str = "ims.io/copy-uid";
 /// Label on a destination Image: the name of the ImageCopy that made it.
 pub const COPY_NAME_LABEL: &str = "ims.io/copy";
-const GIB: i64 = 1 << 30;
 /// A waiting copy re-checks this often (every change it waits for also re-runs it).
 const RECHECK: Duration = Duration::from_secs(10);
 
@@ -71,15 +71,15 @@ fn is_mine(image: &Image, copy: &ImageCopy) -> bool {
 
 /// The status for a phase: Ready True only when Succeeded, Reconciling while Pending/Copying,
 /// Stalled when Failed.
-fn with_phase(copy: &ImageCopy, phase: CopyPhase, reason: &str, message: &str) -> ImageCopyStatus {
+fn with_phase(copy: &ImageCopy, phase: CopyPhase, reason: Reason, message: &str) -> ImageCopyStatus {
     let old = copy.status.clone().unwrap_or_default();
     let now = status::now();
-    let mut wants = vec![Want::new("Ready", phase == CopyPhase::Succeeded, reason, message)];
-    match phase {
-        CopyPhase::Pending | CopyPhase::Copying => wants.push(Want::new("Reconciling", true, reason, message)),
-        CopyPhase::Failed => wants.push(Want::new("Stalled", true, reason, message)),
-        CopyPhase::Succeeded => {}
-    }
+    let progress = match phase {
+        CopyPhase::Pending | CopyPhase::Copying => Progressing::Working,
+        CopyPhase::Failed => Progressing::Stalled,
+        CopyPhase::Succeeded => Progressing::Settled,
+    };
+    let wants = kstatus(phase == CopyPhase::Succeeded, progress, reason, message);
     let started_at = match phase {
         CopyPhase::Pending => old.started_at.clone(),
         _ => old.started_at.clone().or_else(|| Some(now.clone())),
@@ -90,7 +90,7 @@ fn with_phase(copy: &ImageCopy, phase: CopyPhase, reason: &str, message: &str) -
     };
     ImageCopyStatus {
         phase: Some(phase),
-        conditions: status::conditions(&old.conditions, &wants, copy.metadata.generation, &now),
+        conditions: conditions(&old.conditions, &wants, copy.metadata.generation, &now),
         observed_generation: copy.metadata.generation,
         started_at,
         completed_at,
@@ -107,84 +107,53 @@ async fn write(ctx: &Context, copy: &ImageCopy, desired: &ImageCopyStatus) -> Re
 
 /// An Event when the phase or reason changes.
 async fn announce(ctx: &Context, copy: &ImageCopy, desired: &ImageCopyStatus) {
-    let key = |s: Option<&ImageCopyStatus>| {
-        s.map(|s| (s.phase, s.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone())))
-    };
+    let key = |s: Option<&ImageCopyStatus>| s.map(|s| (s.phase, ready_reason(&s.conditions).map(str::to_string)));
     if key(Some(desired)) == key(copy.status.as_ref()) {
         return;
     }
-    let Some(ready) = desired.conditions.iter().find(|c| c.type_ == "Ready") else { return };
+    let Some(ready) = find(&desired.conditions, ConditionType::Ready) else { return };
     let warning = desired.phase == Some(CopyPhase::Failed);
     ctx.publish_event(&copy.object_ref(&()), warning, ready.reason.clone(), &ready.message, "Copy").await;
 }
 
 /// Why a copy waits or fails before its destination exists: (phase, reason, message).
-fn check(ctx: &Context, copy: &ImageCopy, namespace: &str) -> Result<Arc<Image>, (CopyPhase, &'static str, String)> {
+fn check(ctx: &Context, copy: &ImageCopy, namespace: &str) -> Result<Arc<Image>, (CopyPhase, Reason, String)> {
     let source = &copy.spec.source;
     let dest = &copy.spec.destination;
     let Some(src) = ctx.images.get(&ObjectRef::<Image>::new(source).within(namespace)) else {
         return Err((
             CopyPhase::Pending,
-            "SourceNotFound",
+            Reason::SourceNotFound,
             format!("Image {source} does not exist in namespace {namespace}: create it, or correct spec.source"),
         ));
     };
-    let status = src.status.clone().unwrap_or_default();
-    if status.phase != Some(ImagePhase::Active) {
-        return Err((
-            CopyPhase::Pending,
-            "SourceNotActive",
-            format!("Image {source} is not Active: the copy starts when it is"),
-        ));
+    let refused = |r: policy::copy::Refusal| {
+        let phase = if r.waits() { CopyPhase::Pending } else { CopyPhase::Failed };
+        (phase, r.copy_reason(), r.message(source))
+    };
+    if src.status.as_ref().and_then(|s| s.phase) != Some(ImagePhase::Active) {
+        return Err(refused(policy::copy::Refusal::SourceNotActive));
     }
     let Some(region) = ctx.regions.get(&ObjectRef::new(&dest.region)) else {
         return Err((
             CopyPhase::Pending,
-            "RegionNotFound",
+            Reason::RegionNotFound,
             format!("Region {} does not exist: create it, or correct spec.destination.region", dest.region),
         ));
     };
     if !super::region::is_ready(&region) {
         return Err((
             CopyPhase::Pending,
-            "RegionNotReady",
+            Reason::RegionNotReady,
             format!("Region {} is not Ready: the copy starts when it is", dest.region),
         ));
     }
-    let cross_region = dest.region != src.spec.region;
+    // A reference's bytes (and encryption) are those of the image it points at.
     let owner = match &src.spec.source.image {
-        Some(t) => ctx.images.get(&ObjectRef::<Image>::new(&t.name).within(&t.namespace)),
-        None => Some(src.clone()),
+        Some(t) => ctx.images.get(&ObjectRef::<Image>::new(&t.name).within(&t.namespace)).unwrap_or(src.clone()),
+        None => src.clone(),
     };
-    if cross_region && owner.as_ref().is_some_and(|o| o.spec.encryption.is_some()) {
-        return Err((
-            CopyPhase::Failed,
-            "EncryptedImage",
-            format!(
-                "Image {source} is encrypted: encrypted images cannot be copied to another region; copy it without encryption in region {} first (an ImageCopy in the same region without destination.encryption)",
-                src.spec.region
-            ),
-        ));
-    }
-    let max_gib = i64::try_from(ctx.config.policy.max_cross_region_copy_gib).unwrap_or(i64::MAX);
-    let size = status.size_bytes.unwrap_or(0);
-    if cross_region && size > max_gib.saturating_mul(GIB) {
-        return Err((
-            CopyPhase::Failed,
-            "TooLarge",
-            format!("Image {source} has {size} bytes: a cross-region copy moves at most {max_gib} GiB"),
-        ));
-    }
-    if !cross_region && status.r#type.unwrap_or(src.spec.r#type) == ImageType::FullServer {
-        return Err((
-            CopyPhase::Failed,
-            "FullServerNotCopyable",
-            format!(
-                "Image {source} is a FullServer image: it cannot be copied within region {}; copy it to another region",
-                src.spec.region
-            ),
-        ));
-    }
+    policy::copy::check(&src, &owner, &dest.region, &ctx.config.policy).map_err(refused)?;
     Ok(src)
 }
 
@@ -203,10 +172,9 @@ fn copies_ahead(ctx: &Context, copy: &ImageCopy, namespace: &str) -> usize {
         })
         .filter(|c| {
             let status = c.status.clone().unwrap_or_default();
-            let reason = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
             match status.phase {
                 None | Some(CopyPhase::Copying) => true,
-                Some(CopyPhase::Pending) => reason.as_deref() == Some("ConcurrencyLimit"),
+                Some(CopyPhase::Pending) => ready_reason(&status.conditions) == Some(Reason::ConcurrencyLimit.as_str()),
                 _ => false,
             }
         })
@@ -238,13 +206,13 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
             let message = format!(
                 "Image {dest_name} already exists and was not made by this copy: choose another spec.destination.name (an ImageCopy is immutable: delete it and create a new one)"
             );
-            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, "DestinationExists", &message)).await?;
+            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, Reason::DestinationExists, &message)).await?;
             Ok(Action::await_change())
         }
         Some(dest) => mirror(ctx, &copy, &dest).await,
         None if created => {
             let message = format!("the destination Image {dest_name} was deleted before the copy finished");
-            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, "DestinationDeleted", &message)).await?;
+            write(ctx, &copy, &with_phase(&copy, CopyPhase::Failed, Reason::DestinationDeleted, &message)).await?;
             Ok(Action::await_change())
         }
         None => {
@@ -267,7 +235,8 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
                     let message = format!(
                         "{ahead} older cross-region copies of namespace {namespace} are in flight or waiting (concurrentCrossRegionCopies {limit}); this one starts when one finishes (first come, first served)"
                     );
-                    write(ctx, &copy, &with_phase(&copy, CopyPhase::Pending, "ConcurrencyLimit", &message)).await?;
+                    write(ctx, &copy, &with_phase(&copy, CopyPhase::Pending, Reason::ConcurrencyLimit, &message))
+                        .await?;
                     return Ok(Action::requeue(RECHECK));
                 }
             }
@@ -284,7 +253,7 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
             let mut copying = with_phase(
                 &copy,
                 CopyPhase::Copying,
-                "Copying",
+                Reason::Copying,
                 &format!("copying {} to {dest_name}", copy.spec.source),
             );
             copying.destination_image = Some(dest_name.clone());
@@ -326,20 +295,21 @@ fn destination(copy: &ImageCopy, src: &Image) -> Image {
 /// Mirrors the destination Image into the copy's status.
 async fn mirror(ctx: &Context, copy: &ImageCopy, dest: &Image) -> Result<Action, Error> {
     let status = dest.status.clone().unwrap_or_default();
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
-    let reason = ready.map(|c| c.reason.clone()).unwrap_or_else(|| "Copying".into());
+    let ready = find(&status.conditions, ConditionType::Ready);
+    // The destination's reason (an Image reason of the contract) is the copy's.
+    let reason = ready.and_then(|c| Reason::parse(&c.reason)).unwrap_or(Reason::Copying);
     let message = ready.map(|c| c.message.clone()).unwrap_or_else(|| "the destination Image is being created".into());
     let (phase, reason) = match status.phase {
-        Some(ImagePhase::Active) => (CopyPhase::Succeeded, "Succeeded".to_string()),
+        Some(ImagePhase::Active) => (CopyPhase::Succeeded, Reason::Succeeded),
         Some(ImagePhase::Failed | ImagePhase::Unavailable) => (CopyPhase::Failed, reason),
-        Some(ImagePhase::Queued) if reason != "Queued" => (CopyPhase::Pending, reason),
-        _ => (CopyPhase::Copying, "Copying".to_string()),
+        Some(ImagePhase::Queued) if reason != Reason::Queued => (CopyPhase::Pending, reason),
+        _ => (CopyPhase::Copying, Reason::Copying),
     };
     let message = match phase {
         CopyPhase::Succeeded => format!("Image {} is Active: the copy is verified", dest.name_any()),
         _ => message,
     };
-    let mut desired = with_phase(copy, phase, &reason, &message);
+    let mut desired = with_phase(copy, phase, reason, &message);
     desired.destination_image = Some(dest.name_any());
     desired.progress = match phase {
         CopyPhase::Succeeded => {

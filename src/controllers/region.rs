@@ -132,7 +132,7 @@ pub async fn open(region: &Region, ctx: &Context) -> Result<RegionStore, Probe> 
 
 /// Whether a region's status says Ready.
 pub fn is_ready(region: &Region) -> bool {
-    region.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    region.status.as_ref().is_some_and(|s| crate::api::conditions::is_ready(&s.conditions))
 }
 
 /// Credentials from a Secret's `accessKeyID` and `secretAccessKey`.

@@ -14,9 +14,14 @@ use kube::{
 
 use super::{Context, Error, Shutdown, status};
 use crate::{
-    api::{Image, ImageShare, ImageShareStatus, MemberState, ShareMember},
-    controllers::status::Want,
-    policy::share::{Evaluation, Verdict, evaluate},
+    api::{
+        Image, ImageShare, ImageShareStatus, MemberState,
+        conditions::{ConditionType, Reason, find},
+    },
+    policy::{
+        self,
+        share::{Evaluation, evaluate},
+    },
 };
 
 /// Field manager of ImageShare status.
@@ -79,47 +84,8 @@ async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, 
     }
     let image = &share.spec.image;
     let eval = evaluation_with(&ctx, &namespace, image, Some(&share));
-    let old = share.status.clone().unwrap_or_default();
-    let now = status::now();
-    let since = |tenant: &str, state: MemberState, reason: &Option<String>| {
-        old.members
-            .iter()
-            .find(|m| m.tenant == tenant && m.state == state && &m.reason == reason)
-            .and_then(|m| m.since.clone())
-            .or_else(|| Some(now.clone()))
-    };
-    let mut members: Vec<ShareMember> = Vec::new();
-    for (tenant, verdict) in eval.members(&share.name_any()) {
-        let (state, reason) = match verdict {
-            Verdict::Invalid(reason) => (MemberState::Invalid, Some(reason.to_string())),
-            Verdict::Granted if eval.refusal.is_none() && has_reference(&ctx, &namespace, image, tenant) => {
-                (MemberState::Accepted, None)
-            }
-            Verdict::Granted => (MemberState::Pending, None),
-        };
-        let since = since(tenant, state, &reason);
-        members.push(ShareMember { tenant: tenant.clone(), state, reason, since });
-    }
-    // A tenant taken off the list while it used the image: Revoked while its reference exists.
-    for gone in old.members.iter().filter(|m| !share.spec.tenants.contains(&m.tenant)) {
-        if matches!(gone.state, MemberState::Accepted | MemberState::Revoked)
-            && has_reference(&ctx, &namespace, image, &gone.tenant)
-        {
-            let reason = Some("ShareRevoked".to_string());
-            let since = since(&gone.tenant, MemberState::Revoked, &reason);
-            members.push(ShareMember { tenant: gone.tenant.clone(), state: MemberState::Revoked, reason, since });
-        }
-    }
-    let granted = members.iter().filter(|m| matches!(m.state, MemberState::Pending | MemberState::Accepted)).count();
-    let accepted = members.iter().filter(|m| m.state == MemberState::Accepted).count();
-    let ready = ready(&eval, &members, granted, accepted);
-    let desired = ImageShareStatus {
-        conditions: status::conditions(&old.conditions, &[ready], share.metadata.generation, &now),
-        members,
-        member_count: Some(granted as i32),
-        accepted_count: Some(accepted as i32),
-        observed_generation: share.metadata.generation,
-    };
+    let desired =
+        policy::share::status(&share, &eval, |tenant| has_reference(&ctx, &namespace, image, tenant), &status::now());
     let api: Api<ImageShare> = Api::namespaced(ctx.client.clone(), &namespace);
     announce(&ctx, &share, &desired).await;
     status::apply_status(&api, &share.name_any(), MANAGER, share.status.as_ref(), &desired).await?;
@@ -132,11 +98,11 @@ async fn reconcile(share: Arc<ImageShare>, ctx: Arc<Context>) -> Result<Action, 
 async fn announce(ctx: &Context, share: &ImageShare, desired: &ImageShareStatus) {
     use kube::Resource;
     let ready = |s: Option<&ImageShareStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).map(|c| (c.status.clone(), c.reason.clone()))
+        s.and_then(|s| find(&s.conditions, ConditionType::Ready)).map(|c| (c.status.clone(), c.reason.clone()))
     };
     let mut events = Vec::new();
     if ready(Some(desired)) != ready(share.status.as_ref())
-        && let Some(c) = desired.conditions.iter().find(|c| c.type_ == "Ready")
+        && let Some(c) = find(&desired.conditions, ConditionType::Ready)
     {
         events.push((c.status != "True", c.reason.clone(), c.message.clone()));
     }
@@ -145,7 +111,7 @@ async fn announce(ctx: &Context, share: &ImageShare, desired: &ImageShareStatus)
         if !old.members.iter().any(|o| o.tenant == m.tenant && o.state == MemberState::Revoked) {
             events.push((
                 false,
-                "ShareRevoked".into(),
+                Reason::ShareRevoked.into(),
                 format!("stopped sharing with {}: its references are Unavailable", m.tenant),
             ));
         }
@@ -153,43 +119,6 @@ async fn announce(ctx: &Context, share: &ImageShare, desired: &ImageShareStatus)
     for (warning, reason, note) in events {
         ctx.publish_event(&share.object_ref(&()), warning, reason, &note, "Share").await;
     }
-}
-
-/// `Ready`: False with the share's refusal, else with the first invalid member's reason
-/// (naming every invalid member and how to fix it), else True.
-fn ready(eval: &Evaluation, members: &[ShareMember], granted: usize, accepted: usize) -> Want {
-    if let Some((reason, message)) = &eval.refusal {
-        return Want::new("Ready", false, *reason, format!("{message}; nothing is granted"));
-    }
-    let invalid: Vec<&ShareMember> = members.iter().filter(|m| m.state == MemberState::Invalid).collect();
-    let Some(first) = invalid.first() else {
-        return Want::new(
-            "Ready",
-            true,
-            "Shared",
-            format!("shared with {granted} tenant(s), {accepted} accepted (a reference Image in their namespace)"),
-        );
-    };
-    let reason = first.reason.clone().unwrap_or_default();
-    let mut parts = Vec::new();
-    for reason in ["SelfShare", "TenantNotFound", "MemberLimitExceeded"] {
-        let names: Vec<&str> =
-            invalid.iter().filter(|m| m.reason.as_deref() == Some(reason)).map(|m| m.tenant.as_str()).collect();
-        if names.is_empty() {
-            continue;
-        }
-        let list = names.join(", ");
-        parts.push(match reason {
-            "SelfShare" => format!("{list}: the owner's own namespace; remove it from spec.tenants"),
-            "TenantNotFound" => format!("{list}: no such namespace; create it or correct spec.tenants"),
-            _ => format!(
-                "{list}: over the limit of {} tenants per image ({} left); remove tenants from this or another ImageShare of the image",
-                eval.limit,
-                eval.limit.saturating_sub(eval.granted.len())
-            ),
-        });
-    }
-    Want::new("Ready", false, reason, format!("members not granted: {}", parts.join("; ")))
 }
 
 fn error_policy(share: Arc<ImageShare>, err: &Error, ctx: Arc<Context>) -> Action {

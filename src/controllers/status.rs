@@ -1,7 +1,8 @@
-//! Status plumbing shared by the controllers: conditions as kstatus expects them, no-op
-//! detection, and server-side-apply status writes.
+//! Status writes shared by the controllers: the time conditions are stamped with, no-op
+//! detection, and server-side-apply status writes. What the conditions say is
+//! [`crate::api::conditions`].
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
@@ -13,51 +14,6 @@ use serde_json::json;
 pub fn now() -> Time {
     let ts = jiff::Timestamp::now();
     Time(jiff::Timestamp::from_second(ts.as_second()).unwrap_or(ts))
-}
-
-/// Desired state of one condition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Want {
-    /// `Ready`, `Reconciling`, `Stalled`.
-    pub typ: &'static str,
-    /// True or False.
-    pub status: bool,
-    /// Machine-readable reason.
-    pub reason: String,
-    /// Human message.
-    pub message: String,
-}
-
-impl Want {
-    /// A condition.
-    pub fn new(typ: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Want { typ, status, reason: reason.into(), message: message.into() }
-    }
-}
-
-/// The conditions after applying `wants` to `old`: `lastTransitionTime` moves only when a
-/// condition's status flips; conditions not wanted are dropped (a `Reconciling` that ended
-/// disappears, as kstatus expects).
-pub fn conditions(old: &[Condition], wants: &[Want], generation: Option<i64>, now: &Time) -> Vec<Condition> {
-    wants
-        .iter()
-        .map(|want| {
-            let status = if want.status { "True" } else { "False" };
-            let previous = old.iter().find(|c| c.type_ == want.typ);
-            let last_transition_time = match previous {
-                Some(p) if p.status == status => p.last_transition_time.clone(),
-                _ => now.clone(),
-            };
-            Condition {
-                type_: want.typ.to_string(),
-                status: status.to_string(),
-                reason: want.reason.clone(),
-                message: want.message.clone(),
-                observed_generation: generation,
-                last_transition_time,
-            }
-        })
-        .collect()
 }
 
 /// Whether two statuses are the same but for condition timestamps (a write would be a no-op).
@@ -113,6 +69,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::conditions::{ConditionType, Reason, Want, conditions};
 
     #[tokio::test]
     async fn the_status_of_an_object_that_is_gone_is_not_written_and_not_an_error() {
@@ -132,26 +89,11 @@ mod tests {
     }
 
     #[test]
-    fn transition_time_moves_only_when_status_flips() {
-        let first =
-            conditions(&[], &[Want::new("Ready", false, "Importing", "working")], Some(1), &t("2026-01-01T00:00:00Z"));
-        assert_eq!(first[0].last_transition_time, t("2026-01-01T00:00:00Z"));
-        let same =
-            conditions(&first, &[Want::new("Ready", false, "Importing", "50%")], Some(1), &t("2026-01-01T00:01:00Z"));
-        assert_eq!(same[0].last_transition_time, t("2026-01-01T00:00:00Z"), "same status keeps the time");
-        assert_eq!(same[0].message, "50%");
-        let flipped =
-            conditions(&same, &[Want::new("Ready", true, "Active", "done")], Some(2), &t("2026-01-01T00:02:00Z"));
-        assert_eq!(flipped[0].last_transition_time, t("2026-01-01T00:02:00Z"));
-        assert_eq!(flipped[0].observed_generation, Some(2));
-    }
-
-    #[test]
     fn statuses_differing_only_in_times_are_the_same() {
         let a = crate::api::RegionStatus {
             conditions: conditions(
                 &[],
-                &[Want::new("Ready", true, "StoreReady", "ok")],
+                &[Want::new(ConditionType::Ready, true, Reason::StoreReady, "ok")],
                 Some(1),
                 &t("2026-01-01T00:00:00Z"),
             ),

@@ -360,7 +360,7 @@ fn secs(d: Duration) -> String {
 }
 
 /// The URL for messages: the query string (which may hold signatures or tokens) is elided.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let url = url.split('#').next().unwrap_or(url);
     match url.split_once('?') {
         Some((base, _)) => format!("{base}?…"),

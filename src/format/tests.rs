@@ -123,7 +123,7 @@ fn data_raw(path: &Path, size: u64) {
 }
 
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
+use crate::policy::GIB;
 /// 64 MiB + 512: an odd size.
 const DATA_SIZE: u64 = 64 * MIB + 512;
 

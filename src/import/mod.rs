@@ -17,7 +17,7 @@ use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
 use crate::{
-    api::DeclaredFormat,
+    api::{DeclaredFormat, conditions::Reason},
     fetch::{self, FetchError, FetchPolicy},
     format::{self, Detected, Format, FormatError, ReadAt},
     store::RegionStore,
@@ -89,14 +89,14 @@ pub enum ImportError {
 
 impl ImportError {
     /// The condition reason.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ImportError::Source(_) => "SourceUnreachable",
-            ImportError::ChecksumMismatch { .. } => "ChecksumMismatch",
-            ImportError::TooLarge { .. } => "TooLarge",
-            ImportError::UnsupportedFormat(_) => "UnsupportedFormat",
-            ImportError::Store(_) => "RegionNotReady",
-            ImportError::SourceGone(_) => "SourceNotActive",
+            ImportError::Source(_) => Reason::SourceUnreachable,
+            ImportError::ChecksumMismatch { .. } => Reason::ChecksumMismatch,
+            ImportError::TooLarge { .. } => Reason::TooLarge,
+            ImportError::UnsupportedFormat(_) => Reason::UnsupportedFormat,
+            ImportError::Store(_) => Reason::RegionNotReady,
+            ImportError::SourceGone(_) => Reason::SourceNotActive,
         }
     }
 

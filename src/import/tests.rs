@@ -106,7 +106,7 @@ async fn sha512_checksums_are_verified_too() {
     );
     let bad = format!("sha512:{}", "0".repeat(128));
     let err = f.import("data.raw", Some(&bad), DeclaredFormat::Auto, 1 << 20).await.unwrap_err();
-    assert_eq!(err.reason(), "ChecksumMismatch");
+    assert_eq!(err.reason(), Reason::ChecksumMismatch);
     assert!(f.stored_files().is_empty(), "a mismatch leaves no bytes behind");
 }
 
@@ -115,16 +115,16 @@ async fn failures_leave_nothing_in_the_store_and_say_why() {
     let f = Fixture::new();
     std::fs::write(f.source("big.raw"), vec![1u8; 4096]).unwrap();
     let err = f.import("big.raw", None, DeclaredFormat::Auto, 1000).await.unwrap_err();
-    assert_eq!(err.reason(), "TooLarge");
+    assert_eq!(err.reason(), Reason::TooLarge);
     assert!(!err.is_transient());
 
     let wrong = format!("sha256:{}", "f".repeat(64));
     let err = f.import("big.raw", Some(&wrong), DeclaredFormat::Auto, 1 << 20).await.unwrap_err();
-    assert_eq!(err.reason(), "ChecksumMismatch");
+    assert_eq!(err.reason(), Reason::ChecksumMismatch);
     assert!(err.to_string().contains(&sha256_of(&f.source("big.raw"))), "{err}");
 
     let err = f.import("big.raw", None, DeclaredFormat::Qcow2, 1 << 20).await.unwrap_err();
-    assert_eq!(err.reason(), "UnsupportedFormat");
+    assert_eq!(err.reason(), Reason::UnsupportedFormat);
     assert_eq!(
         err.to_string(),
         "spec declares format Qcow2 but the bytes are Raw: set format to Raw (or Auto), or fix the URL"
@@ -135,11 +135,11 @@ async fn failures_leave_nothing_in_the_store_and_say_why() {
     let bytes = std::fs::read(&qcow2).unwrap();
     std::fs::write(f.source("truncated.qcow2"), &bytes[..40]).unwrap();
     let err = f.import("truncated.qcow2", None, DeclaredFormat::Auto, 1 << 20).await.unwrap_err();
-    assert_eq!(err.reason(), "UnsupportedFormat");
+    assert_eq!(err.reason(), Reason::UnsupportedFormat);
     assert!(err.to_string().contains("truncated"), "{err}");
 
     let err = f.import("missing.raw", None, DeclaredFormat::Auto, 1 << 20).await.unwrap_err();
-    assert_eq!(err.reason(), "SourceUnreachable");
+    assert_eq!(err.reason(), Reason::SourceUnreachable);
     assert!(f.stored_files().is_empty(), "no failure left bytes behind: {:?}", f.stored_files());
 }
 
@@ -182,10 +182,10 @@ async fn a_multi_part_import_hashes_both_digests_and_reports_progress() {
 
     // The same import limited below its size stops while streaming and leaves nothing.
     let err = f.import("big.raw", None, DeclaredFormat::Auto, total - 1).await.unwrap_err();
-    assert_eq!(err.reason(), "TooLarge");
+    assert_eq!(err.reason(), Reason::TooLarge);
     let wrong = format!("sha512:{}", "0".repeat(128));
     let err = f.import("big.raw", Some(&wrong), DeclaredFormat::Auto, 1 << 30).await.unwrap_err();
-    assert_eq!(err.reason(), "ChecksumMismatch");
+    assert_eq!(err.reason(), Reason::ChecksumMismatch);
     assert!(f.stored_files().is_empty(), "{:?}", f.stored_files());
 }
 

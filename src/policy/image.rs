@@ -2,10 +2,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::{
-    api::{ImagePhase, ImageStatus},
-    controllers::status::{Want, conditions},
+use crate::api::{
+    ImagePhase, ImageStatus,
+    conditions::{Progressing, Reason, conditions, kstatus},
 };
+
+/// What an Active image says.
+pub const ACTIVE_MESSAGE: &str = "the image is ready to use";
 
 /// Status for a phase with a reason and message: Ready False unless Active, Reconciling while
 /// work goes on (Queued, Saving, Deleting), Stalled when only a spec change helps (Failed).
@@ -13,19 +16,16 @@ pub fn with_phase(
     old: &ImageStatus,
     generation: Option<i64>,
     phase: ImagePhase,
-    reason: &str,
+    reason: Reason,
     message: &str,
     now: &Time,
 ) -> ImageStatus {
-    let active = phase == ImagePhase::Active;
-    let mut wants = vec![Want::new("Ready", active, reason, message)];
-    match phase {
-        ImagePhase::Queued | ImagePhase::Saving | ImagePhase::Deleting => {
-            wants.push(Want::new("Reconciling", true, reason, message))
-        }
-        ImagePhase::Failed => wants.push(Want::new("Stalled", true, reason, message)),
-        ImagePhase::Active | ImagePhase::Unavailable => {}
-    }
+    let progress = match phase {
+        ImagePhase::Queued | ImagePhase::Saving | ImagePhase::Deleting => Progressing::Working,
+        ImagePhase::Failed => Progressing::Stalled,
+        ImagePhase::Active | ImagePhase::Unavailable => Progressing::Settled,
+    };
+    let wants = kstatus(phase == ImagePhase::Active, progress, reason, message);
     ImageStatus {
         phase: Some(phase),
         conditions: conditions(&old.conditions, &wants, generation, now),
@@ -62,7 +62,7 @@ mod tests {
             (ImagePhase::Unavailable, "False", None),
         ];
         for (phase, ready, extra) in cases {
-            let s = with_phase(&ImageStatus::default(), Some(2), phase, "R", "m", &now);
+            let s = with_phase(&ImageStatus::default(), Some(2), phase, Reason::Queued, "m", &now);
             let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
             assert_eq!(s.conditions[0].status, ready, "{phase:?}");
             assert_eq!(types.get(1).copied(), extra, "{phase:?}");

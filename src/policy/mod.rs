@@ -5,6 +5,7 @@
 //! is a default of [`Policy`], overridable with a YAML file (`--policy`), because clouds and
 //! their documents disagree on them.
 
+pub mod copy;
 pub mod image;
 pub mod quota;
 pub mod region;
@@ -13,6 +14,9 @@ pub mod share;
 use std::path::Path;
 
 use serde::Serialize;
+
+/// A gibibyte: the unit of the policy's and the API's size limits.
+pub const GIB: u64 = 1 << 30;
 
 /// Limits the operator enforces. Every field has the API contract's default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -2,9 +2,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::{
-    api::{Image, ImagePhase, RegionStatus},
-    controllers::status::{Want, conditions},
+use crate::api::{
+    Image, ImagePhase, RegionStatus,
+    conditions::{Progressing, Reason, conditions, kstatus},
 };
 
 /// What probing a region's store found.
@@ -37,18 +37,15 @@ pub fn status(
     old: &RegionStatus,
     now: &Time,
 ) -> RegionStatus {
-    let (ready, reason, message, stalled) = match probe {
+    let (ready, reason, message, progress) = match probe {
         Probe::Ready => {
-            (true, "StoreReady", "the store answered a write, read-back and delete probe".to_string(), false)
+            (true, Reason::StoreReady, "the store answered a write, read-back and delete probe", Progressing::Settled)
         }
-        Probe::InvalidSpec(m) => (false, "InvalidSpec", m.clone(), true),
-        Probe::SecretNotFound(m) => (false, "SecretNotFound", m.clone(), true),
-        Probe::Unreachable(m) => (false, "StoreUnreachable", m.clone(), false),
+        Probe::InvalidSpec(m) => (false, Reason::InvalidSpec, m.as_str(), Progressing::Stalled),
+        Probe::SecretNotFound(m) => (false, Reason::SecretNotFound, m.as_str(), Progressing::Stalled),
+        Probe::Unreachable(m) => (false, Reason::StoreUnreachable, m.as_str(), Progressing::Settled),
     };
-    let mut wants = vec![Want::new("Ready", ready, reason, message.clone())];
-    if stalled {
-        wants.push(Want::new("Stalled", true, reason, message));
-    }
+    let wants = kstatus(ready, progress, reason, message);
     RegionStatus {
         conditions: conditions(&old.conditions, &wants, generation, now),
         images: Some(usage.0),

@@ -6,19 +6,24 @@ use std::collections::HashSet;
 use kube::ResourceExt;
 
 use super::Policy;
-use crate::api::{Image, ImagePhase, ImageShare, ImageType, Visibility};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{
+    Image, ImagePhase, ImageShare, ImageShareStatus, ImageType, MemberState, ShareMember, Visibility,
+    conditions::{ConditionType, Reason, Want, conditions},
+};
 
 /// Why an image cannot be shared at all: (reason, message). Checked in this order.
-pub fn refusal(name: &str, image: Option<&Image>) -> Option<(&'static str, String)> {
+pub fn refusal(name: &str, image: Option<&Image>) -> Option<(Reason, String)> {
     let Some(image) = image else {
         return Some((
-            "ImageNotFound",
+            Reason::ImageNotFound,
             format!("Image {name} does not exist in this namespace: create it, or correct spec.image"),
         ));
     };
     if image.spec.source.image.is_some() {
         return Some((
-            "NotOwner",
+            Reason::NotOwner,
             format!(
                 "Image {name} is a reference to another tenant's image: only its owner may share it (references are never re-shared)"
             ),
@@ -27,13 +32,13 @@ pub fn refusal(name: &str, image: Option<&Image>) -> Option<(&'static str, Strin
     match image.spec.visibility {
         Visibility::Public => {
             return Some((
-                "PublicImage",
+                Reason::PublicImage,
                 format!("Image {name} is Public: every tenant may already use it, no ImageShare is needed"),
             ));
         }
         Visibility::Marketplace => {
             return Some((
-                "MarketplaceImage",
+                Reason::MarketplaceImage,
                 format!("Image {name} is published to the Marketplace: it cannot be shared; use a Private image"),
             ));
         }
@@ -41,7 +46,7 @@ pub fn refusal(name: &str, image: Option<&Image>) -> Option<(&'static str, Strin
     }
     if image.spec.encryption.is_some() {
         return Some((
-            "EncryptedImage",
+            Reason::EncryptedImage,
             format!(
                 "Image {name} is encrypted: encrypted images cannot be shared; copy it without encryption (ImageCopy in the same region) and share the copy"
             ),
@@ -49,14 +54,17 @@ pub fn refusal(name: &str, image: Option<&Image>) -> Option<(&'static str, Strin
     }
     if image.spec.r#type == ImageType::FullServer && image.spec.backup_id.is_none() {
         return Some((
-            "FullServerNotFromBackup",
+            Reason::FullServerNotFromBackup,
             format!(
                 "Image {name} is a FullServer image not made from a backup: only FullServer images with a backupID can be shared"
             ),
         ));
     }
     if image.status.as_ref().and_then(|s| s.phase) != Some(ImagePhase::Active) {
-        return Some(("ImageNotActive", format!("Image {name} is not Active yet: the share takes effect when it is")));
+        return Some((
+            Reason::ImageNotActive,
+            format!("Image {name} is not Active yet: the share takes effect when it is"),
+        ));
     }
     None
 }
@@ -67,14 +75,14 @@ pub enum Verdict {
     /// The tenant may use the image (if the share is not refused as a whole).
     Granted,
     /// Not granted; the reason is an API member reason.
-    Invalid(&'static str),
+    Invalid(Reason),
 }
 
 /// The verdicts over all ImageShares of one image.
 #[derive(Clone, Debug, Default)]
 pub struct Evaluation {
     /// Why the image cannot be shared at all.
-    pub refusal: Option<(&'static str, String)>,
+    pub refusal: Option<(Reason, String)>,
     /// Per share (by name), its tenants in spec order with their verdicts.
     pub shares: Vec<(String, Vec<(String, Verdict)>)>,
     /// Distinct tenants granted across the shares.
@@ -92,7 +100,8 @@ impl Evaluation {
     /// Whether an ImageShare lists `tenant` as a granted member, whatever the image's phase
     /// (a reference tells "not shared" from "shared, source not Active yet").
     pub fn lists(&self, tenant: &str) -> bool {
-        self.granted.contains(tenant) && self.refusal.as_ref().is_none_or(|(reason, _)| *reason == "ImageNotActive")
+        self.granted.contains(tenant)
+            && self.refusal.as_ref().is_none_or(|(reason, _)| *reason == Reason::ImageNotActive)
     }
 
     /// The verdicts of one share.
@@ -133,14 +142,14 @@ pub fn evaluate(
             .iter()
             .map(|tenant| {
                 let verdict = if tenant == owner_namespace {
-                    Verdict::Invalid("SelfShare")
+                    Verdict::Invalid(Reason::SelfShare)
                 } else if !tenant_exists(tenant) {
-                    Verdict::Invalid("TenantNotFound")
+                    Verdict::Invalid(Reason::TenantNotFound)
                 } else if granted.contains(tenant) || granted.len() < limit {
                     granted.insert(tenant.clone());
                     Verdict::Granted
                 } else {
-                    Verdict::Invalid("MemberLimitExceeded")
+                    Verdict::Invalid(Reason::MemberLimitExceeded)
                 };
                 (tenant.clone(), verdict)
             })
@@ -161,6 +170,93 @@ pub fn open_to(source: &Image, tenant: &str, public_namespace: &str) -> bool {
     namespace == tenant
         || source.spec.visibility == Visibility::Marketplace
         || (source.spec.visibility == Visibility::Public && namespace == public_namespace)
+}
+
+/// The status of `share` (of the image `eval` evaluated): a member is `Accepted` while its
+/// namespace holds a reference to the image (`has_reference`), else `Pending`, or `Invalid`
+/// with its reason; a tenant taken off the list while it used the image stays `Revoked` while
+/// its reference exists. `since` moves only when a member's state or reason changes.
+pub fn status(
+    share: &ImageShare,
+    eval: &Evaluation,
+    has_reference: impl Fn(&str) -> bool,
+    now: &Time,
+) -> ImageShareStatus {
+    let old = share.status.clone().unwrap_or_default();
+    let since = |tenant: &str, state: MemberState, reason: &Option<String>| {
+        old.members
+            .iter()
+            .find(|m| m.tenant == tenant && m.state == state && &m.reason == reason)
+            .and_then(|m| m.since.clone())
+            .or_else(|| Some(now.clone()))
+    };
+    let mut members: Vec<ShareMember> = Vec::new();
+    for (tenant, verdict) in eval.members(&share.name_any()) {
+        let (state, reason) = match verdict {
+            Verdict::Invalid(reason) => (MemberState::Invalid, Some(reason.to_string())),
+            Verdict::Granted if eval.refusal.is_none() && has_reference(tenant) => (MemberState::Accepted, None),
+            Verdict::Granted => (MemberState::Pending, None),
+        };
+        let since = since(tenant, state, &reason);
+        members.push(ShareMember { tenant: tenant.clone(), state, reason, since });
+    }
+    for gone in old.members.iter().filter(|m| !share.spec.tenants.contains(&m.tenant)) {
+        if matches!(gone.state, MemberState::Accepted | MemberState::Revoked) && has_reference(&gone.tenant) {
+            let reason = Some(Reason::ShareRevoked.to_string());
+            let since = since(&gone.tenant, MemberState::Revoked, &reason);
+            members.push(ShareMember { tenant: gone.tenant.clone(), state: MemberState::Revoked, reason, since });
+        }
+    }
+    let granted = members.iter().filter(|m| matches!(m.state, MemberState::Pending | MemberState::Accepted)).count();
+    let accepted = members.iter().filter(|m| m.state == MemberState::Accepted).count();
+    let ready = ready(eval, &members, granted, accepted);
+    ImageShareStatus {
+        conditions: conditions(&old.conditions, &[ready], share.metadata.generation, now),
+        members,
+        member_count: Some(granted as i32),
+        accepted_count: Some(accepted as i32),
+        observed_generation: share.metadata.generation,
+    }
+}
+
+/// `Ready`: False with the share's refusal, else with the first invalid member's reason
+/// (naming every invalid member and how to fix it), else True.
+fn ready(eval: &Evaluation, members: &[ShareMember], granted: usize, accepted: usize) -> Want {
+    if let Some((reason, message)) = &eval.refusal {
+        return Want::new(ConditionType::Ready, false, *reason, format!("{message}; nothing is granted"));
+    }
+    let invalid: Vec<&ShareMember> = members.iter().filter(|m| m.state == MemberState::Invalid).collect();
+    let Some(first) = invalid.first() else {
+        return Want::new(
+            ConditionType::Ready,
+            true,
+            Reason::Shared,
+            format!("shared with {granted} tenant(s), {accepted} accepted (a reference Image in their namespace)"),
+        );
+    };
+    let reason = first.reason.as_deref().and_then(Reason::parse).unwrap_or(Reason::TenantNotFound);
+    let mut parts = Vec::new();
+    for reason in [Reason::SelfShare, Reason::TenantNotFound, Reason::MemberLimitExceeded] {
+        let names: Vec<&str> = invalid
+            .iter()
+            .filter(|m| m.reason.as_deref() == Some(reason.as_str()))
+            .map(|m| m.tenant.as_str())
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let list = names.join(", ");
+        parts.push(match reason {
+            Reason::SelfShare => format!("{list}: the owner's own namespace; remove it from spec.tenants"),
+            Reason::TenantNotFound => format!("{list}: no such namespace; create it or correct spec.tenants"),
+            _ => format!(
+                "{list}: over the limit of {} tenants per image ({} left); remove tenants from this or another ImageShare of the image",
+                eval.limit,
+                eval.limit.saturating_sub(eval.granted.len())
+            ),
+        });
+    }
+    Want::new(ConditionType::Ready, false, reason, format!("members not granted: {}", parts.join("; ")))
 }
 
 #[cfg(test)]
@@ -195,13 +291,16 @@ mod tests {
     #[test]
     fn refusals_in_order() {
         let cases = [
-            (None, "ImageNotFound"),
-            (Some(image(serde_json::json!({"source": {"image": {"namespace": "a", "name": "b"}}}), true)), "NotOwner"),
-            (Some(image(serde_json::json!({"visibility": "Public"}), true)), "PublicImage"),
-            (Some(image(serde_json::json!({"visibility": "Marketplace"}), true)), "MarketplaceImage"),
-            (Some(image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true)), "EncryptedImage"),
-            (Some(image(serde_json::json!({"type": "FullServer"}), true)), "FullServerNotFromBackup"),
-            (Some(image(serde_json::json!({}), false)), "ImageNotActive"),
+            (None, Reason::ImageNotFound),
+            (
+                Some(image(serde_json::json!({"source": {"image": {"namespace": "a", "name": "b"}}}), true)),
+                Reason::NotOwner,
+            ),
+            (Some(image(serde_json::json!({"visibility": "Public"}), true)), Reason::PublicImage),
+            (Some(image(serde_json::json!({"visibility": "Marketplace"}), true)), Reason::MarketplaceImage),
+            (Some(image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true)), Reason::EncryptedImage),
+            (Some(image(serde_json::json!({"type": "FullServer"}), true)), Reason::FullServerNotFromBackup),
+            (Some(image(serde_json::json!({}), false)), Reason::ImageNotActive),
         ];
         for (img, reason) in cases {
             assert_eq!(refusal("img", img.as_ref()).map(|r| r.0), Some(reason));
@@ -226,9 +325,9 @@ mod tests {
             [
                 ("b".into(), Verdict::Granted),
                 ("c".into(), Verdict::Granted),
-                ("d".into(), Verdict::Invalid("MemberLimitExceeded")),
-                ("owner".into(), Verdict::Invalid("SelfShare")),
-                ("ghost".into(), Verdict::Invalid("TenantNotFound")),
+                ("d".into(), Verdict::Invalid(Reason::MemberLimitExceeded)),
+                ("owner".into(), Verdict::Invalid(Reason::SelfShare)),
+                ("ghost".into(), Verdict::Invalid(Reason::TenantNotFound)),
             ]
         );
         assert!(e.grants("c") && !e.grants("d") && !e.grants("owner"));

@@ -7,15 +7,19 @@ use std::time::Duration;
 
 use kube::{Api, ResourceExt, runtime::controller::Action};
 
-use super::{GIB, MANAGER, redact, write};
+use super::{MANAGER, write};
 use crate::{
     api::{
         DeclaredFormat, DiskRole, DiskStatus, Image, ImageChecksum, ImageLocation, ImagePhase, ImageSource,
-        ImageStatus, Progress,
+        ImageStatus, Progress, conditions::Reason,
     },
     controllers::{Context, Error, quota, status},
+    fetch::redact,
     import::{self, Imported, Request},
-    policy::image::{percent, with_phase},
+    policy::{
+        GIB,
+        image::{ACTIVE_MESSAGE, percent, with_phase},
+    },
     store::RegionStore,
 };
 
@@ -139,70 +143,44 @@ pub struct Job<'a> {
     pub known_total: Option<u64>,
 }
 
-/// Moves every part of `image` (which holds an import slot and shows `saving`) and writes
-/// the outcome: Active with the stored disks, Failed with the reason, or — for a failure a
-/// retry may cure — an error for the controller's backoff.
-pub async fn import_all(
-    ctx: &Context,
-    api: &Api<Image>,
-    image: &Image,
-    store: &RegionStore,
-    job: Job<'_>,
-) -> Result<Action, Error> {
-    let Job { parts, saving, limit_gib, known_total } = job;
-    let namespace = image.namespace().unwrap_or_default();
-    let generation = image.metadata.generation;
-    let prefix = store.image_prefix(&namespace, &image.name_any(), &image.uid().unwrap_or_default());
+/// How a move ended.
+pub enum Moved {
+    /// Every part is stored and verified, in order.
+    Stored(Vec<(Part, Imported)>),
+    /// Part `index` failed; the parts before it are stored.
+    Failed(usize, Part, Box<import::ImportError>),
+    /// The image was deleted meanwhile.
+    Cancelled,
+    /// The operator is shutting down.
+    Stopped,
+}
+
+/// Moves every part of `image` (which holds an import slot and shows `job.saving`) one after the
+/// other, writing progress at most every `progress_every`, until all are stored, one fails, the
+/// image is deleted or the operator stops. Writes no outcome: see [`settle`].
+pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &RegionStore, job: &Job<'_>) -> Moved {
+    let prefix = prefix(store, image);
     // An earlier attempt (a restart, a leader that died) may have left parts behind: start clean.
     match import::sweep_abandoned(store, &prefix).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(files = n, "removed what an interrupted move left"),
         Err(e) => tracing::warn!(error = %e, "could not sweep an interrupted move"),
     }
-
-    // Progress goes through a channel; a writer task patches it at most every progress_every.
-    let (tx, mut rx) = tokio::sync::watch::channel::<Option<Snapshot>>(None);
-    let progress_writer = {
-        let api = api.clone();
-        let name = image.name_any();
-        let base = saving.clone();
-        let every = ctx.config.progress_every;
-        tokio::spawn(async move {
-            let mut written = base.clone();
-            while rx.changed().await.is_ok() {
-                let Some((done, total, disks)) = rx.borrow_and_update().clone() else { continue };
-                let next = ImageStatus {
-                    progress: Some(Progress {
-                        bytes_done: done as i64,
-                        bytes_total: total.map(|t| t as i64),
-                        percent: percent(done, total),
-                    }),
-                    disks,
-                    ..base.clone()
-                };
-                if status::apply_status(&api, &name, MANAGER, Some(&written), &next).await.is_ok() {
-                    written = next;
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    };
-
-    let single = parts.len() == 1;
-    let mut stored: Vec<(Part, Imported)> = Vec::with_capacity(parts.len());
+    let (tx, progress_writer) = progress_writer(ctx, api, image, &job.saving);
+    let single = job.parts.len() == 1;
+    let mut stored: Vec<(Part, Imported)> = Vec::with_capacity(job.parts.len());
     let mut disks: Vec<DiskStatus> = Vec::new();
     let mut before: u64 = 0;
-    let mut failure = None;
     let moving = ctx.moves.start(&image.uid().unwrap_or_default());
-    let mut cancelled = deleted_already(&ctx.images, image);
-    let mut stopped = false;
-    for (index, part) in parts.iter().enumerate() {
-        if cancelled {
+    let mut ended = deleted_already(&ctx.images, image).then_some(Moved::Cancelled);
+    for (index, part) in job.parts.iter().enumerate() {
+        if ended.is_some() {
             break;
         }
         let object = prefix.clone().join(part.object_name(index).as_str());
         let shown = disks.clone();
         let sender = tx.clone();
+        let known_total = job.known_total;
         let mut report = move |done: u64, total: Option<u64>| {
             // Several disks: the total of the later ones is unknown (imports), so no total and
             // no percent, unless the sizes are known up front (copies).
@@ -217,7 +195,7 @@ pub async fn import_all(
                         url,
                         checksum: checksum.as_deref(),
                         declared: *format,
-                        limit: limit_gib.saturating_mul(GIB),
+                        limit: job.limit_gib.saturating_mul(GIB),
                     };
                     import::import(store, &object, request, &ctx.config.fetch, progress).await
                 }
@@ -230,11 +208,11 @@ pub async fn import_all(
         let result = tokio::select! {
             result = moved => result,
             () = moving.deleted() => {
-                cancelled = true;
+                ended = Some(Moved::Cancelled);
                 break;
             }
             () = ctx.stopping.clone() => {
-                stopped = true;
+                ended = Some(Moved::Stopped);
                 break;
             }
         };
@@ -247,86 +225,162 @@ pub async fn import_all(
                 }
                 stored.push((part.clone(), imported));
             }
-            Err(e) => {
-                failure = Some((index, part.clone(), e));
-                break;
-            }
+            Err(e) => ended = Some(Moved::Failed(index, part.clone(), Box::new(e))),
         }
     }
     drop(tx);
     let _ = progress_writer.await;
-    let now = status::now();
-    if stopped {
-        // Shutting down: what landed goes; the status stays Saving, so whoever leads next
-        // starts the move again.
-        if let Err(e) = store.delete_prefix(&prefix).await {
-            tracing::warn!(error = %e, "could not remove a stopped move's bytes");
-        }
-        tracing::info!("operator stopping: byte move stopped");
-        return Ok(Action::await_change());
-    }
-    if cancelled {
-        // The finalizer's cleanup (the next reconcile) removes whatever landed.
-        tracing::info!("image deleted while its bytes moved: cancelled");
-        return Ok(Action::await_change());
-    }
+    ended.unwrap_or(Moved::Stored(stored))
+}
 
-    if let Some((index, part, e)) = failure {
-        // Nothing stays behind: the disks already stored go with the failed one.
-        store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
-        let message = match part.role {
-            Some(role) => format!("disk {index} ({}): {e}", role_name(Some(role))),
-            None => e.to_string(),
-        };
-        if e.is_transient() {
-            let retrying = ImageStatus {
-                disks: Vec::new(),
-                ..with_phase(&saving, generation, ImagePhase::Saving, e.reason(), &format!("{message}; retrying"), &now)
+/// The store prefix of an image's bytes.
+fn prefix(store: &RegionStore, image: &Image) -> object_store::path::Path {
+    store.image_prefix(&image.namespace().unwrap_or_default(), &image.name_any(), &image.uid().unwrap_or_default())
+}
+
+/// A task writing the progress it is sent over `base` (the Saving status), at most every
+/// `progress_every`; it ends when the sender is dropped.
+fn progress_writer(
+    ctx: &Context,
+    api: &Api<Image>,
+    image: &Image,
+    base: &ImageStatus,
+) -> (tokio::sync::watch::Sender<Option<Snapshot>>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = tokio::sync::watch::channel::<Option<Snapshot>>(None);
+    let api = api.clone();
+    let name = image.name_any();
+    let base = base.clone();
+    let every = ctx.config.progress_every;
+    let task = tokio::spawn(async move {
+        let mut written = base.clone();
+        while rx.changed().await.is_ok() {
+            let Some((done, total, disks)) = rx.borrow_and_update().clone() else { continue };
+            let next = ImageStatus {
+                progress: Some(Progress {
+                    bytes_done: done as i64,
+                    bytes_total: total.map(|t| t as i64),
+                    percent: percent(done, total),
+                }),
+                disks,
+                ..base.clone()
             };
-            write(ctx, api, image, &retrying).await?;
-            return Err(Error::Transient(message));
+            if status::apply_status(&api, &name, MANAGER, Some(&written), &next).await.is_ok() {
+                written = next;
+            }
+            tokio::time::sleep(every).await;
         }
-        let failed = ImageStatus {
-            progress: None,
-            disks: Vec::new(),
-            ..with_phase(&saving, generation, ImagePhase::Failed, e.reason(), &message, &now)
-        };
-        write(ctx, api, image, &failed).await?;
-        quota::finish_import(ctx, image, 0).await?;
-        return Ok(Action::await_change());
-    }
+    });
+    (tx, task)
+}
 
+/// Ends a move: cleans up what must not stay, settles the quota and writes the outcome once:
+/// Active with the stored disks, Failed with the reason, or, for a failure a retry may cure,
+/// Saving with the failure and an error for the controller's backoff.
+pub async fn settle(
+    ctx: &Context,
+    api: &Api<Image>,
+    image: &Image,
+    store: &RegionStore,
+    job: &Job<'_>,
+    moved: Moved,
+) -> Result<Action, Error> {
+    let prefix = prefix(store, image);
+    let generation = image.metadata.generation;
+    let now = status::now();
+    let remove = || async { store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string())) };
+    let stored = match moved {
+        Moved::Stopped => {
+            // Shutting down: what landed goes; the status stays Saving, so whoever leads next
+            // starts the move again.
+            if let Err(e) = remove().await {
+                tracing::warn!(error = %e, "could not remove a stopped move's bytes");
+            }
+            tracing::info!("operator stopping: byte move stopped");
+            return Ok(Action::await_change());
+        }
+        Moved::Cancelled => {
+            // The finalizer's cleanup (the next reconcile) removes whatever landed.
+            tracing::info!("image deleted while its bytes moved: cancelled");
+            return Ok(Action::await_change());
+        }
+        Moved::Failed(index, part, e) => {
+            // Nothing stays behind: the disks already stored go with the failed one.
+            remove().await?;
+            let message = match part.role {
+                Some(role) => format!("disk {index} ({}): {e}", role_name(Some(role))),
+                None => e.to_string(),
+            };
+            if e.is_transient() {
+                let retrying = with_phase(
+                    &job.saving,
+                    generation,
+                    ImagePhase::Saving,
+                    e.reason(),
+                    &format!("{message}; retrying"),
+                    &now,
+                );
+                write(ctx, api, image, &ImageStatus { disks: Vec::new(), ..retrying }).await?;
+                return Err(Error::Transient(message));
+            }
+            quota::finish_import(ctx, image, 0).await?;
+            let failed = with_phase(&job.saving, generation, ImagePhase::Failed, e.reason(), &message, &now);
+            write(ctx, api, image, &moved_nothing(failed)).await?;
+            return Ok(Action::await_change());
+        }
+        Moved::Stored(stored) => stored,
+    };
     let size: u64 = stored.iter().map(|(_, i)| i.size).sum();
-    let kind = if parts.iter().any(|p| matches!(p.from, From::Object { .. })) { "copy" } else { "import" };
+    let kind = if job.parts.iter().any(|p| matches!(p.from, From::Object { .. })) { "copy" } else { "import" };
     ctx.config.metrics.moved(kind, size);
     if let Some(message) = quota::finish_import(ctx, image, size as i64).await? {
-        store.delete_prefix(&prefix).await.map_err(|e| Error::Transient(e.to_string()))?;
-        let failed = ImageStatus {
-            progress: None,
-            disks: Vec::new(),
-            ..with_phase(&saving, generation, ImagePhase::Failed, "QuotaExceeded", &message, &now)
-        };
-        write(ctx, api, image, &failed).await?;
+        remove().await?;
+        let failed = with_phase(&job.saving, generation, ImagePhase::Failed, Reason::QuotaExceeded, &message, &now);
+        write(ctx, api, image, &moved_nothing(failed)).await?;
         return Ok(Action::await_change());
     }
-    // The image's own format, checksum and location are its system disk's (the first part for
-    // a single-disk image): what a provisioner boots. `disks` lists every disk of a FullServer.
-    let Some((_, system)) = stored.iter().find(|(p, _)| p.role != Some(DiskRole::Data)) else {
+    let Some(active) = active(image, store, &job.saving, &stored, &now) else {
         return Err(Error::Transient("no system disk was imported".into()));
     };
-    let mut active = with_phase(&saving, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
-    active.format = Some(system.detected.format.as_api_str().to_string());
-    active.size_bytes = Some(size as i64);
-    active.virtual_size_bytes = Some(system.detected.virtual_size as i64);
-    active.checksum = Some(ImageChecksum { sha256: system.sha256.clone() });
-    active.location = Some(location(store, system));
-    active.progress = Some(Progress { bytes_done: size as i64, bytes_total: Some(size as i64), percent: Some(100) });
-    active.disks = disks;
-    active.r#type = Some(image.spec.r#type);
-    active.os = image.spec.os.clone();
     write(ctx, api, image, &active).await?;
-    tracing::info!(size, disks = parts.len(), format = %system.detected.format, "image imported");
+    tracing::info!(size, disks = job.parts.len(), format = ?active.format, "image imported");
     Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+/// A status that shows no bytes moved (a failure removed them).
+fn moved_nothing(status: ImageStatus) -> ImageStatus {
+    ImageStatus { progress: None, disks: Vec::new(), ..status }
+}
+
+/// The Active status of an image whose parts are `stored`. The image's own format, checksum and
+/// location are its system disk's (the first part for a single-disk image): what a provisioner
+/// boots; `disks` lists every disk of a FullServer. `None` without a system disk.
+fn active(
+    image: &Image,
+    store: &RegionStore,
+    saving: &ImageStatus,
+    stored: &[(Part, Imported)],
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Option<ImageStatus> {
+    let (_, system) = stored.iter().find(|(p, _)| p.role != Some(DiskRole::Data))?;
+    let size: u64 = stored.iter().map(|(_, i)| i.size).sum();
+    let disks = stored
+        .iter()
+        .enumerate()
+        .filter(|(_, (part, _))| part.role.is_some())
+        .map(|(index, (part, imported))| disk_status(index, part, store, imported))
+        .collect();
+    Some(ImageStatus {
+        format: Some(system.detected.format.as_api_str().to_string()),
+        size_bytes: Some(size as i64),
+        virtual_size_bytes: Some(system.detected.virtual_size as i64),
+        checksum: Some(ImageChecksum { sha256: system.sha256.clone() }),
+        location: Some(location(store, system)),
+        progress: Some(Progress { bytes_done: size as i64, bytes_total: Some(size as i64), percent: Some(100) }),
+        disks,
+        r#type: Some(image.spec.r#type),
+        os: image.spec.os.clone(),
+        ..with_phase(saving, image.metadata.generation, ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, now)
+    })
 }
 
 #[cfg(test)]

@@ -6,14 +6,13 @@ use kube::{ResourceExt, runtime::reflector::ObjectRef};
 
 use super::bytes::{From, Part, object_name};
 use crate::{
-    api::{DiskRole, Image, ImagePhase, ImageType, Lineage},
+    api::{DiskRole, Image, ImagePhase, Lineage, conditions::Reason},
     controllers::Context,
+    policy,
 };
 
-const GIB: i64 = 1 << 30;
-
 /// Why a copy cannot run now: (phase, reason, message).
-pub type Refusal = (ImagePhase, &'static str, String);
+pub type Refusal = (ImagePhase, Reason, String);
 
 /// What a copy moves.
 pub struct Plan {
@@ -65,7 +64,7 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
     let waiting = || {
         (
             ImagePhase::Queued,
-            "SourceNotActive",
+            Reason::SourceNotActive,
             format!(
                 "Image {source} does not exist or is not Active in namespace {namespace}: the copy starts when it is"
             ),
@@ -90,39 +89,12 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
         }
         None => ((namespace.clone(), src.name_any(), src.uid().unwrap_or_default()), src.clone()),
     };
-    let cross_region = image.spec.region != src.spec.region;
-    let kind = status.r#type.unwrap_or(src.spec.r#type);
+    let cross_region =
+        policy::copy::check(&src, &origin_image, &image.spec.region, &ctx.config.policy).map_err(|r| {
+            let phase = if r.waits() { ImagePhase::Queued } else { ImagePhase::Failed };
+            (phase, r.image_reason(), r.message(source))
+        })?;
     let size = status.size_bytes.unwrap_or(0);
-    if cross_region && origin_image.spec.encryption.is_some() {
-        return Err((
-            ImagePhase::Failed,
-            "InvalidSpec",
-            format!(
-                "Image {source} is encrypted (EncryptedImage): encrypted images cannot be copied to another region; copy it without encryption in region {} first",
-                src.spec.region
-            ),
-        ));
-    }
-    let max_gib = i64::try_from(ctx.config.policy.max_cross_region_copy_gib).unwrap_or(i64::MAX);
-    if cross_region && size > max_gib.saturating_mul(GIB) {
-        return Err((
-            ImagePhase::Failed,
-            "TooLarge",
-            format!(
-                "Image {source} has {size} bytes: more than the {max_gib} GiB a cross-region copy may move (policy maxCrossRegionCopyGiB)"
-            ),
-        ));
-    }
-    if !cross_region && kind == ImageType::FullServer {
-        return Err((
-            ImagePhase::Failed,
-            "InvalidSpec",
-            format!(
-                "Image {source} is a FullServer image (FullServerNotCopyable): it can only be copied to another region, not within {}",
-                src.spec.region
-            ),
-        ));
-    }
     let objects = if status.disks.is_empty() {
         let sha256 = status.checksum.as_ref().map(|c| c.sha256.clone()).unwrap_or_default();
         vec![(0, None, sha256, size)]

@@ -2,7 +2,11 @@
 //! into their region's store, binds references (`source.image`), and reports phases and
 //! conditions as the API contract says; the finalizer removes the bytes and releases the quota.
 //!
-//! Copies (`source.copy`) join with the ImageCopy issue; until then they are left untouched.
+//! Copies (`source.copy`) move the bytes of another image of the namespace (see `copy.rs`).
+//!
+//! An owned image's reconcile decides first (`decide`: wait, fail, or move bytes, from its status,
+//! the caches and the rules in [`crate::policy`]), then acts (admission by the quota ledger, the
+//! byte move) and writes the outcome once.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,16 +26,19 @@ mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{
-    api::{CLEANUP_FINALIZER, Image, ImagePhase, ImageStatus},
+    api::{
+        CLEANUP_FINALIZER, Image, ImagePhase, ImageStatus, Lineage,
+        conditions::{Reason, ready_reason},
+    },
     policy::{
-        image::{visibility_allowed, with_phase},
+        image::{ACTIVE_MESSAGE, visibility_allowed, with_phase},
         quota::Answer,
     },
+    store::RegionStore,
 };
 
 /// Field manager of Image status.
 pub const MANAGER: &str = "ims-operator/image";
-const GIB: u64 = 1 << 30;
 /// A waiting image (region, quota, import slot) is re-run by the Region watch and by the quota
 /// ledger; this re-check covers an image that entered the cache after such an event, and one
 /// waiting behind older images in line (which may end without asking the ledger).
@@ -90,15 +97,15 @@ async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageSt
 /// published only when the phase or reason changes, so requeues make no event storm.
 async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
     let ready = |s: Option<&ImageStatus>| {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .map(|c| (s.and_then(|s| s.phase), c.reason.clone()))
+        s.and_then(|s| ready_reason(&s.conditions)).map(|r| (s.and_then(|s| s.phase), r.to_string()))
     };
     let now = ready(Some(desired));
     if now == ready(image.status.as_ref()) {
         return;
     }
     let Some((phase, reason)) = now else { return };
-    let warning = matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == "QuotaExceeded";
+    let warning =
+        matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == Reason::QuotaExceeded;
     if !warning && image.spec.source.image.is_some() {
         // A reference binding is no news (10,000 of them would be 10,000 Events): only what
         // goes wrong with it is.
@@ -112,19 +119,15 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
     if let Some(target) = image.spec.source.image.clone() {
         return reference::apply(image, &target, ctx, api).await;
     }
-    let work = match (&image.spec.source.copy, bytes::parts(&image.spec.source)) {
-        (Some(copy), _) => Work::Copy(copy.name.clone()),
-        (None, Some(parts)) => Work::Import(parts),
-        (None, None) => return Ok(Action::await_change()),
-    };
+    let Some(work) = Work::of(&image) else { return Ok(Action::await_change()) };
     // The cache may lag our own last status write (a reconcile queued by it sees the phase
     // before it); never start byte work from a stale view: decide on a fresh read.
-    let cached_done = matches!(image.status.as_ref().and_then(|s| s.phase), Some(ImagePhase::Active))
+    let settled = matches!(image.status.as_ref().and_then(|s| s.phase), Some(ImagePhase::Active))
         || image
             .status
             .as_ref()
             .is_some_and(|s| s.phase == Some(ImagePhase::Failed) && s.observed_generation == image.metadata.generation);
-    let image = if cached_done {
+    let image = if settled {
         image
     } else {
         match api.get_opt(&image.name_any()).await? {
@@ -132,23 +135,82 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             None => return Ok(Action::await_change()),
         }
     };
+    match decide(ctx, &image, work).await {
+        Step::Idle => Ok(Action::await_change()),
+        Step::Show(shown) => {
+            write(ctx, api, &image, &shown.status(&image)).await?;
+            Ok(shown.then)
+        }
+        Step::Move(job) => start(ctx, api, &image, job).await,
+    }
+}
+
+/// What an owned image does next.
+enum Step {
+    /// Nothing (no bytes to move, or its namespace is going).
+    Idle,
+    /// Shows a phase and waits.
+    Show(Shown),
+    /// Asks for admission, then moves bytes.
+    Move(Move),
+}
+
+/// A phase to show, with its reason and message, and when to look again.
+struct Shown {
+    phase: ImagePhase,
+    reason: Reason,
+    message: String,
+    then: Action,
+}
+
+impl Shown {
+    fn step(phase: ImagePhase, reason: Reason, message: impl Into<String>, then: Action) -> Step {
+        Step::Show(Shown { phase, reason, message: message.into(), then })
+    }
+
+    /// Waits in `Queued` (re-run by the Region watch, the ledger, or the re-check).
+    fn queued(reason: Reason, message: impl Into<String>, recheck: Duration) -> Step {
+        Shown::step(ImagePhase::Queued, reason, message, Action::requeue(recheck))
+    }
+
+    fn status(&self, image: &Image) -> ImageStatus {
+        let old = image.status.clone().unwrap_or_default();
+        with_phase(&old, image.metadata.generation, self.phase, self.reason, &self.message, &status::now())
+    }
+}
+
+/// Bytes to move into `store` once admitted.
+struct Move {
+    store: RegionStore,
+    parts: Vec<bytes::Part>,
+    cross_region: bool,
+    reason: Reason,
+    message: String,
+    lineage: Option<Lineage>,
+    known_total: Option<u64>,
+    limit_gib: u64,
+}
+
+/// Decides what an owned image does, from its status, the caches and the rules: no API writes.
+async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
     let namespace = image.namespace().unwrap_or_default();
-    let generation = image.metadata.generation;
     let old = image.status.clone().unwrap_or_default();
-    let now = status::now();
     if old.phase != Some(ImagePhase::Active) && ctx.terminating(&namespace) {
         // Its namespace is being deleted, and the image with it: no admission (its ledger may
         // be gone already, and nothing new can be made there), no bytes.
-        return Ok(Action::await_change());
+        return Step::Idle;
     }
     match old.phase {
         // Bytes are immutable once Active: later spec changes only move observedGeneration.
         Some(ImagePhase::Active) => {
-            let desired = with_phase(&old, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
-            write(ctx, api, &image, &desired).await?;
-            return Ok(Action::requeue(Duration::from_secs(3600)));
+            return Shown::step(
+                ImagePhase::Active,
+                Reason::Active,
+                ACTIVE_MESSAGE,
+                Action::requeue(Duration::from_secs(3600)),
+            );
         }
-        Some(ImagePhase::Failed) if old.observed_generation == generation => return Ok(Action::await_change()),
+        Some(ImagePhase::Failed) if old.observed_generation == image.metadata.generation => return Step::Idle,
         _ => {}
     }
     if !visibility_allowed(image.spec.visibility, &namespace, &ctx.config.public_namespace) {
@@ -156,110 +218,121 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             "visibility Public is only allowed in the platform namespace {}: use Private or Marketplace",
             ctx.config.public_namespace
         );
-        write(
-            ctx,
-            api,
-            &image,
-            &with_phase(&old, generation, ImagePhase::Failed, "VisibilityNotAllowed", &message, &now),
-        )
-        .await?;
-        return Ok(Action::await_change());
+        return Shown::step(ImagePhase::Failed, Reason::VisibilityNotAllowed, message, Action::await_change());
     }
     let region_name = &image.spec.region;
     let Some(region) = ctx.regions.get(&ObjectRef::new(region_name)) else {
         let message = format!("Region {region_name} does not exist: create it, or correct spec.region");
-        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotFound", &message, &now))
-            .await?;
-        return Ok(Action::requeue(WAITING_RECHECK));
+        return Shown::queued(Reason::RegionNotFound, message, WAITING_RECHECK);
     };
     let Some(store) = ctx.ready_store(region_name).await else {
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
-        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now))
-            .await?;
-        return Ok(Action::requeue(WAITING_RECHECK));
+        return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
     };
-    // What moves: the parts of an import, or those of the image a copy names (copy rules first).
-    let (parts, cross_region, reason, message, lineage, total) = match work {
-        Work::Import(parts) => {
-            let message = bytes::saving_message(&parts);
-            (parts, false, "Importing", message, None, None)
-        }
-        Work::Copy(source) => match copy::plan(ctx, &image, &source) {
+    let limit_gib = max_image_gib(ctx.config.policy.max_image_size_gib, region.spec.max_image_size_gib);
+    match work {
+        Work::Import(parts) => Step::Move(Move {
+            store,
+            message: bytes::saving_message(&parts),
+            parts,
+            cross_region: false,
+            reason: Reason::Importing,
+            lineage: None,
+            known_total: None,
+            limit_gib,
+        }),
+        // The copy rules first, then the bytes of the image the copy names.
+        Work::Copy(source) => match copy::plan(ctx, image, &source) {
             Err((phase, reason, message)) => {
-                write(ctx, api, &image, &with_phase(&old, generation, phase, reason, &message, &now)).await?;
-                return Ok(match phase {
+                let then = match phase {
                     ImagePhase::Failed => Action::await_change(),
                     _ => Action::requeue(WAITING_RECHECK),
-                });
+                };
+                Shown::step(phase, reason, message, then)
             }
             Ok(plan) => {
                 let Some(from) = ctx.ready_store(&plan.from_region).await else {
                     let message =
                         format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
-                    write(
-                        ctx,
-                        api,
-                        &image,
-                        &with_phase(&old, generation, ImagePhase::Queued, "RegionNotReady", &message, &now),
-                    )
-                    .await?;
-                    return Ok(Action::requeue(WAITING_RECHECK));
+                    return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
                 };
-                let message = plan.message(&source);
-                (
-                    plan.parts(&from),
-                    plan.cross_region,
-                    "Copying",
-                    message,
-                    Some(plan.lineage.clone()),
-                    Some(plan.total()),
-                )
+                Step::Move(Move {
+                    store,
+                    parts: plan.parts(&from),
+                    cross_region: plan.cross_region,
+                    reason: Reason::Copying,
+                    message: plan.message(&source),
+                    lineage: Some(plan.lineage.clone()),
+                    known_total: Some(plan.total()),
+                    limit_gib,
+                })
             }
         },
-    };
-    let waiting = match quota::admit(ctx, &image, cross_region).await? {
-        Answer::Started => None,
+    }
+}
+
+/// The largest image an import stores, GiB: the policy's, lowered by the region's.
+fn max_image_gib(policy: u64, region: Option<i64>) -> u64 {
+    match region {
+        Some(region) if region > 0 => policy.min(region as u64),
+        _ => policy,
+    }
+}
+
+/// What an image the ledger did not admit shows, and when it looks again; `None`: admitted.
+fn waiting(answer: Answer, namespace: &str) -> Option<Shown> {
+    let (reason, message, recheck) = match answer {
+        Answer::Started => return None,
         // A full region: the ledger wakes it when room appears.
-        Answer::OverQuota(message) => Some(("QuotaExceeded", message, LEDGER_RECHECK)),
+        Answer::OverQuota(message) => (Reason::QuotaExceeded, message, LEDGER_RECHECK),
         // Behind older images in line (a burst): those may also end without asking the ledger.
-        Answer::InLine(message) => Some(("QuotaExceeded", message, WAITING_RECHECK)),
-        Answer::NoCrossRegionSlot => Some((
-            "Queued",
+        Answer::InLine(message) => (Reason::QuotaExceeded, message, WAITING_RECHECK),
+        Answer::NoCrossRegionSlot => (
+            Reason::Queued,
             format!(
                 "waiting for a cross-region copy slot: namespace {namespace} has as many cross-region copies in flight as concurrentCrossRegionCopies allows; it starts when one finishes"
             ),
             LEDGER_RECHECK,
-        )),
+        ),
         // (Finished and Done answer other requests.)
-        Answer::NoImportSlot | Answer::Finished(_) | Answer::Done => Some((
-            "Queued",
+        Answer::NoImportSlot | Answer::Finished(_) | Answer::Done => (
+            Reason::Queued,
             format!(
                 "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
             ),
             LEDGER_RECHECK,
-        )),
+        ),
     };
-    if let Some((reason, message, recheck)) = waiting {
-        write(ctx, api, &image, &with_phase(&old, generation, ImagePhase::Queued, reason, &message, &now)).await?;
-        return Ok(Action::requeue(recheck));
+    Some(Shown { phase: ImagePhase::Queued, reason, message, then: Action::requeue(recheck) })
+}
+
+/// Admits the image (a place in its region and an import slot), shows it Saving, moves its
+/// bytes and writes the outcome.
+async fn start(ctx: &Context, api: &Api<Image>, image: &Image, job: Move) -> Result<Action, Error> {
+    let namespace = image.namespace().unwrap_or_default();
+    if let Some(shown) = waiting(quota::admit(ctx, image, job.cross_region).await?, &namespace) {
+        write(ctx, api, image, &shown.status(image)).await?;
+        return Ok(shown.then);
     }
-    let limit_gib = match region.spec.max_image_size_gib {
-        Some(region_limit) if region_limit > 0 => ctx.config.policy.max_image_size_gib.min(region_limit as u64),
-        _ => ctx.config.policy.max_image_size_gib,
-    };
+    let old = image.status.clone().unwrap_or_default();
+    let generation = image.metadata.generation;
     // A retry after a transient failure keeps showing that failure until the outcome changes,
     // so a retry loop writes nothing.
     let retrying = old.phase == Some(ImagePhase::Saving)
-        && old.conditions.iter().any(|c| c.type_ == "Ready" && c.reason != reason)
+        && ready_reason(&old.conditions).is_some_and(|r| r != job.reason.as_str())
         && old.observed_generation == generation;
     let saving = if retrying {
-        old.clone()
+        old
     } else {
-        ImageStatus { lineage, ..with_phase(&old, generation, ImagePhase::Saving, reason, &message, &now) }
+        ImageStatus {
+            lineage: job.lineage.clone(),
+            ..with_phase(&old, generation, ImagePhase::Saving, job.reason, &job.message, &status::now())
+        }
     };
-    write(ctx, api, &image, &saving).await?;
-    let job = bytes::Job { parts: &parts, saving, limit_gib, known_total: total };
-    bytes::import_all(ctx, api, &image, &store, job).await
+    write(ctx, api, image, &saving).await?;
+    let moving = bytes::Job { parts: &job.parts, saving, limit_gib: job.limit_gib, known_total: job.known_total };
+    let moved = bytes::move_all(ctx, api, image, &job.store, &moving).await;
+    bytes::settle(ctx, api, image, &job.store, &moving, moved).await
 }
 
 /// What an owned image's bytes come from.
@@ -270,11 +343,14 @@ enum Work {
     Copy(String),
 }
 
-/// A URL without its query string (it may hold signatures or tokens).
-fn redact(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?…"),
-        None => url.to_string(),
+impl Work {
+    /// The work of an owned image; `None` when it has no byte source.
+    fn of(image: &Image) -> Option<Work> {
+        match (&image.spec.source.copy, bytes::parts(&image.spec.source)) {
+            (Some(copy), _) => Some(Work::Copy(copy.name.clone())),
+            (None, Some(parts)) => Some(Work::Import(parts)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -282,8 +358,14 @@ async fn cleanup(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<A
     let old = image.status.clone().unwrap_or_default();
     if image.spec.protected {
         let message = "deletion is held: spec.protected is true; set it to false to delete the image";
-        let held =
-            with_phase(&old, image.metadata.generation, ImagePhase::Deleting, "Protected", message, &status::now());
+        let held = with_phase(
+            &old,
+            image.metadata.generation,
+            ImagePhase::Deleting,
+            Reason::Protected,
+            message,
+            &status::now(),
+        );
         write(ctx, api, &image, &held).await?;
         return Err(Error::Protected(message.into()));
     }

@@ -13,9 +13,15 @@ use kube::{Api, ResourceExt, runtime::controller::Action, runtime::reflector::Ob
 
 use super::write;
 use crate::{
-    api::{BoundSource, Image, ImagePhase, ImageReference, ImageStatus},
+    api::{
+        BoundSource, Image, ImagePhase, ImageReference, ImageStatus,
+        conditions::{Reason, ready_reason},
+    },
     controllers::{Context, Error, share, status},
-    policy::{image::with_phase, share::open_to},
+    policy::{
+        image::{ACTIVE_MESSAGE, with_phase},
+        share::open_to,
+    },
 };
 
 /// How often a reference re-checks on its own (every change it depends on also re-runs it).
@@ -25,19 +31,19 @@ const RECHECK: Duration = Duration::from_secs(300);
 #[derive(Debug)]
 enum Outcome {
     Active(Arc<Image>),
-    Waiting(ImagePhase, &'static str, String),
+    Waiting(ImagePhase, Reason, String),
 }
 
 fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStatus) -> Outcome {
     let tenant = image.namespace().unwrap_or_default();
     let source_name = format!("{}/{}", target.namespace, target.name);
     let bound = old.source.as_ref().map(|s| s.uid.as_str());
-    let was = old.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.as_str());
+    let was = ready_reason(&old.conditions);
     let source = ctx.images.get(&ObjectRef::<Image>::new(&target.name).within(&target.namespace));
     let not_shared = || {
         Outcome::Waiting(
             ImagePhase::Unavailable,
-            "NotShared",
+            Reason::NotShared,
             format!(
                 "Image {source_name} is not shared with namespace {tenant}: ask its owner to add {tenant} to an ImageShare of it (the reference becomes Active by itself)"
             ),
@@ -46,7 +52,7 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
     let revoked = || {
         Outcome::Waiting(
             ImagePhase::Unavailable,
-            "ShareRevoked",
+            Reason::ShareRevoked,
             format!(
                 "Image {source_name} is no longer shared with namespace {tenant}: its owner stopped sharing it; running servers are not affected, new ones cannot use it"
             ),
@@ -61,9 +67,9 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
             (None, _) => not_shared(),
             // Once granted, the tenant may learn that the source went away, unless its grant
             // had gone first.
-            (Some(_), None) if was != Some("ShareRevoked") => Outcome::Waiting(
+            (Some(_), None) if was != Some(Reason::ShareRevoked.as_str()) => Outcome::Waiting(
                 ImagePhase::Unavailable,
-                "SourceDeleted",
+                Reason::SourceDeleted,
                 format!(
                     "Image {source_name} was deleted by its owner: this reference can no longer be used; delete it (running servers are not affected)"
                 ),
@@ -75,7 +81,7 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
     if bound.is_some_and(|b| b != uid) {
         return Outcome::Waiting(
             ImagePhase::Unavailable,
-            "SourceReplaced",
+            Reason::SourceReplaced,
             format!(
                 "Image {source_name} was deleted and created again: this reference stays bound to the image it was granted (uid {}) and does not follow new bytes; delete and re-create the reference to use the new image",
                 bound.unwrap_or_default()
@@ -85,7 +91,7 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
     if source.spec.region != image.spec.region {
         return Outcome::Waiting(
             ImagePhase::Failed,
-            "RegionMismatch",
+            Reason::RegionMismatch,
             format!(
                 "Image {source_name} is in region {}, this reference in {}: create the reference in region {}, or ask the owner to copy the image to {} (ImageCopy)",
                 source.spec.region, image.spec.region, source.spec.region, image.spec.region
@@ -96,7 +102,7 @@ fn decide(ctx: &Context, image: &Image, target: &ImageReference, old: &ImageStat
         let phase = if bound.is_some() { ImagePhase::Unavailable } else { ImagePhase::Queued };
         return Outcome::Waiting(
             phase,
-            "SourceNotActive",
+            Reason::SourceNotActive,
             format!("Image {source_name} is not Active: the reference becomes Active when it is"),
         );
     }
@@ -116,7 +122,7 @@ pub async fn apply(
     let desired = match decide(ctx, &image, target, &old) {
         Outcome::Active(source) => {
             let from = source.status.clone().unwrap_or_default();
-            let active = with_phase(&old, generation, ImagePhase::Active, "Active", "the image is ready to use", &now);
+            let active = with_phase(&old, generation, ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, &now);
             ImageStatus {
                 source: Some(BoundSource { uid: source.uid().unwrap_or_default() }),
                 format: from.format,

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::{
     api::RegionStorage,
+    api::conditions::Reason,
     format::Format,
     import::{PART_SIZE, hex, noise},
     store::StoreConfig,
@@ -143,7 +144,7 @@ async fn a_wrong_sha256_leaves_nothing_at_the_destination() {
     let wrong = "0".repeat(64);
     let (result, _) = run_copy(&r.eu, &src, &r.us, &dst, &wrong, Duration::from_secs(60)).await;
     let err = result.unwrap_err();
-    assert_eq!((err.reason(), err.is_transient()), ("ChecksumMismatch", false));
+    assert_eq!((err.reason(), err.is_transient()), (Reason::ChecksumMismatch, false));
     let message = err.to_string();
     assert!(message.contains(&sha256(&bytes)) && message.contains(&wrong), "{message}");
     assert!(r.files("us").is_empty(), "nothing at the destination: {:?}", r.files("us"));
@@ -158,7 +159,7 @@ async fn a_missing_source_is_source_gone_and_not_transient() {
     let (result, reports) = run_copy(&r.eu, &src, &r.us, &dst, &"0".repeat(64), Duration::ZERO).await;
     let err = result.unwrap_err();
     assert!(matches!(err, ImportError::SourceGone(_)), "{err:?}");
-    assert_eq!((err.reason(), err.is_transient()), ("SourceNotActive", false));
+    assert_eq!((err.reason(), err.is_transient()), (Reason::SourceNotActive, false));
     assert!(err.to_string().contains("t/img/gone/disk"), "{err}");
     assert!(reports.is_empty());
     assert!(r.files("us").is_empty());
@@ -186,7 +187,7 @@ async fn copies_work_between_streaming_stores_too() {
     assert!(reports.windows(2).all(|w| w[0].0 <= w[1].0));
     assert_eq!(reports.last(), Some(&(total, Some(total))));
     let (result, _) = run_copy(&r.eu, &mid, &memory, &dst, &"f".repeat(64), Duration::ZERO).await;
-    assert_eq!(result.unwrap_err().reason(), "ChecksumMismatch");
+    assert_eq!(result.unwrap_err().reason(), Reason::ChecksumMismatch);
     assert!(memory.list(&memory.join("")).await.unwrap().len() == 1, "only the source stays in memory");
 }
 
