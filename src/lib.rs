@@ -15,6 +15,7 @@
 //! - [`embedded`]: an in-memory Kubernetes API server (tests, `local`, kubectl).
 //! - [`local`]: `ims-operator local`, the operator on the embedded API.
 //! - [`cli`]: the command line.
+//! - [`signal`]: shutdown signals.
 
 pub mod admin;
 pub mod api;
@@ -29,4 +30,5 @@ pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod schema;
+pub mod signal;
 pub mod store;

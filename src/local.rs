@@ -18,6 +18,7 @@ use kube::{
 use serde_json::Value;
 
 use crate::{
+    api::conditions::ConditionType,
     controllers::{self, Config},
     embedded::ApiServer,
     policy::Policy,
@@ -224,14 +225,14 @@ impl Row {
     }
 }
 
-fn condition<'a>(obj: &'a Value, typ: &str) -> Option<&'a Value> {
-    obj.pointer("/status/conditions")?.as_array()?.iter().find(|c| c["type"] == typ)
+fn condition(obj: &Value, typ: ConditionType) -> Option<&Value> {
+    obj.pointer("/status/conditions")?.as_array()?.iter().find(|c| c["type"] == typ.as_str())
 }
 
 /// What `kubectl get ims -A` would show of one object.
 pub fn row(kind: &str, obj: &Value) -> Row {
-    let ready = condition(obj, "Ready");
-    let stalled = condition(obj, "Stalled").is_some_and(|c| c["status"] == "True");
+    let ready = condition(obj, ConditionType::Ready);
+    let stalled = condition(obj, ConditionType::Stalled).is_some_and(|c| c["status"] == "True");
     let phase = match obj.pointer("/status/phase").and_then(Value::as_str) {
         Some(p) => p.to_string(),
         None if stalled => "Stalled".into(),
@@ -447,7 +448,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         let serving = server.clone();
         tokio::select! {
             _ = serving.serve(listener) => {},
-            _ = crate::cli::shutdown_signal() => {},
+            _ = crate::signal::shutdown_signal() => {},
         }
     }
     let _ = stop_tx.send(());

@@ -378,8 +378,7 @@ mod tests {
 
     fn ready(copy: &ImageCopy) -> (Option<CopyPhase>, String) {
         let status = copy.status.clone().unwrap_or_default();
-        let reason = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone());
-        (status.phase, reason.unwrap_or_default())
+        (status.phase, ready_reason(&status.conditions).unwrap_or_default().to_string())
     }
 
     /// The copy's own status write can re-run it before the Image watch has delivered the
