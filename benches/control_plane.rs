@@ -57,6 +57,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
+mod common;
+
 const OPERATOR: &str = env!("CARGO_BIN_EXE_ims-operator");
 const RUN_LABEL: &str = "ims-bench/run";
 
@@ -90,9 +92,8 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Passed by `cargo bench`; ignored.
-    #[arg(long, hide = true)]
-    bench: bool,
+    #[command(flatten)]
+    cargo: common::CargoBench,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -506,15 +507,8 @@ fn kubectl(args: &[&str], stdin: Option<&[u8]>) -> Res<String> {
 }
 
 fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (round(kib("VmRSS:") / 1024.0), round(kib("VmHWM:") / 1024.0))
+    let mib = |key: &str| round(common::status_kib(&pid.to_string(), key) as f64 / 1024.0);
+    (mib("VmRSS"), mib("VmHWM"))
 }
 
 fn count_in_log(path: &Path, needle: &str) -> usize {
@@ -610,15 +604,7 @@ async fn setup(admin: Client, args: Args, run: String, log_path: PathBuf, dir: &
     // A 1 MiB raw source (pseudo-random bytes) and the store root.
     let stores = dir.join("stores");
     std::fs::create_dir_all(&stores).ctx("store root")?;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let bytes: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let bytes: Vec<u8> = common::Xorshift64(0x9E37_79B9_7F4A_7C15).take(1 << 20).map(|x| x as u8).collect();
     let source = dir.join("data-1m.raw");
     std::fs::write(&source, bytes).ctx("source file")?;
 
