@@ -8,6 +8,7 @@
 pub mod copy;
 pub mod image;
 pub mod quota;
+pub mod reference;
 pub mod region;
 pub mod share;
 
