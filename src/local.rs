@@ -15,11 +15,11 @@ use kube::{
     api::{DynamicObject, Patch, PatchParams},
     core::ApiResource,
 };
+use kube_embedded::ApiServer;
 use serde_json::Value;
 
 use crate::{
     controllers::{self, Config},
-    embedded::ApiServer,
     policy::Policy,
     store::StoreConfig,
 };
@@ -380,7 +380,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
     apply_order(&mut manifests);
     eprintln!("ims-operator local: {} manifests from {}", manifests.len(), args.manifests.display());
 
-    let server = ApiServer::new();
+    let server = crate::api::embedded();
     let client = server.client();
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let config = Config {

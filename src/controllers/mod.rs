@@ -128,7 +128,7 @@ pub(crate) fn test_image(name: &str, uid: &str, deleting: bool) -> Image {
 /// controller unit tests.
 #[cfg(test)]
 pub(crate) async fn test_api(namespaces: &[&str]) -> (Client, Vec<Namespace>) {
-    let client = crate::embedded::ApiServer::new().client();
+    let client = crate::api::embedded().client();
     let api: Api<Namespace> = Api::all(client.clone());
     let mut created = Vec::new();
     for name in namespaces {
@@ -795,7 +795,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_shutdown_right_after_the_start_stops_every_controller() {
         for _ in 0..5 {
-            let client = crate::embedded::ApiServer::new().client();
+            let client = crate::api::embedded().client();
             let config = Config::default();
             let readiness = config.readiness.clone();
             let shutdown = async move {

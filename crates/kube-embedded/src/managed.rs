@@ -1063,7 +1063,7 @@ pub struct ApplyConflict {
 }
 
 impl ApplyConflict {
-    /// The owner as kube-apiserver describes it: `"kubectl"`, `"kubectl" using ims.io/v1alpha1`
+    /// The owner as kube-apiserver describes it: `"kubectl"`, `"kubectl" using example.com/v1`
     /// for updaters, `"ctl" with subresource "status"` for subresource entries.
     pub fn manager_description(&self) -> String {
         let mut out = go_quote(&self.manager);
@@ -1087,7 +1087,7 @@ impl ApplyConflict {
 }
 
 /// The 409 Conflict message kube-apiserver writes, e.g.
-/// `Apply failed with 1 conflict: conflict with "kubectl" using ims.io/v1alpha1: .spec.region`;
+/// `Apply failed with 1 conflict: conflict with "kubectl" using example.com/v1: .spec.region`;
 /// several conflicts are grouped by owner (`Apply failed with 2 conflicts: conflicts with "a":\n- .spec.x\n...`).
 pub fn conflict_message(conflicts: &[ApplyConflict]) -> String {
     if let [one] = conflicts {

@@ -240,7 +240,7 @@ impl CrdSchema {
 }
 
 /// The message of the 422 Status, as `apierrors.NewInvalid` writes it:
-/// `Image.ims.io "x" is invalid: [spec.region: Invalid value: ..., spec.tenants[1]: ...]`
+/// `Widget.example.com "x" is invalid: [spec.size: Invalid value: ..., spec.tags[1]: ...]`
 /// (one error: no brackets; repeated messages once).
 pub fn invalid_message(kind: &str, group: &str, name: &str, errors: &[FieldError]) -> String {
     let qualified = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
