@@ -61,6 +61,8 @@ impl Kind {
             .find(|v| v.storage)
             .ok_or_else(|| format!("CRD {:?} has no storage version", crd.metadata.name))?;
         let openapi = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).map(|s| json!(s));
+        let schema = CrdSchema::from_crd(crd)?;
+        let merge = MergeSchema::of(Some(&schema));
         Ok(Kind {
             group: crd.spec.group.clone(),
             version: version.name.clone(),
@@ -71,8 +73,8 @@ impl Kind {
             has_status: version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
             short_names: crd.spec.names.short_names.clone().unwrap_or_default(),
             categories: crd.spec.names.categories.clone().unwrap_or_default(),
-            schema: Some(CrdSchema::from_crd(crd)?),
-            merge: MergeSchema::from_openapi(openapi.as_ref()),
+            schema: Some(schema),
+            merge,
             columns: version.additional_printer_columns.clone().unwrap_or_default(),
             custom: true,
             openapi,
@@ -91,7 +93,7 @@ impl Kind {
             short_names: Vec::new(),
             categories: Vec::new(),
             schema: None,
-            merge: MergeSchema::from_openapi(None),
+            merge: MergeSchema::of(None),
             columns: Vec::new(),
             custom: false,
             openapi: None,
