@@ -15,12 +15,12 @@ use kube::{
     api::{DynamicObject, Patch, PatchParams},
     core::ApiResource,
 };
+use kube_embedded::ApiServer;
 use serde_json::Value;
 
 use crate::{
     api::conditions::ConditionType,
     controllers::{self, Config},
-    embedded::ApiServer,
     policy::Policy,
     store::StoreConfig,
 };
@@ -381,7 +381,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
     apply_order(&mut manifests);
     eprintln!("ims-operator local: {} manifests from {}", manifests.len(), args.manifests.display());
 
-    let server = ApiServer::new();
+    let server = crate::api::embedded();
     let client = server.client();
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let config = Config {

@@ -138,7 +138,7 @@ fn help_lists_the_commands_and_env_vars() {
 /// /readyz, and exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
-    let server = ims_operator::embedded::ApiServer::new();
+    let server = ims_operator::api::embedded();
     // The Lease of leader election lives in the operator's namespace.
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(server.client());
     let system = serde_json::from_value(serde_json::json!({"metadata": {"name": "ims-system"}})).unwrap();

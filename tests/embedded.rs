@@ -3,14 +3,12 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ims_operator::{
-    api::Image,
-    embedded::{ApiServer, Options},
-};
+use ims_operator::api::{self, Image};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, WatchEvent, WatchParams},
 };
+use kube_embedded::{ApiServer, Options};
 use serde_json::{Value, json};
 
 async fn call(server: &ApiServer, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
@@ -27,7 +25,7 @@ async fn call(server: &ApiServer, method: &str, path: &str, content_type: &str, 
 }
 
 async fn server_with_namespace() -> ApiServer {
-    let server = ApiServer::new();
+    let server = api::embedded();
     let (code, _) =
         call(&server, "POST", "/api/v1/namespaces", "application/json", br#"{"metadata":{"name":"t"}}"#).await;
     assert_eq!(code, 201);
@@ -121,8 +119,10 @@ async fn a_no_op_write_changes_no_resource_version() {
 
 #[tokio::test]
 async fn watches_get_bookmarks_when_they_ask() {
-    let server =
-        ApiServer::with_options(Options { bookmark_every: std::time::Duration::from_millis(50), ..Options::default() });
+    let server = ApiServer::with_options(
+        api::crds(),
+        Options { bookmark_every: std::time::Duration::from_millis(50), ..Options::default() },
+    );
     let images: Api<Image> = Api::all(server.client());
     let rv = server.resource_version().to_string();
     let mut stream =
@@ -135,7 +135,7 @@ async fn watches_get_bookmarks_when_they_ask() {
 
 #[tokio::test]
 async fn discovery_lists_the_ims_kinds_with_short_names_and_category() {
-    let server = ApiServer::new();
+    let server = api::embedded();
     let (code, list) = call(&server, "GET", "/apis/ims.io/v1alpha1", "", b"").await;
     assert_eq!(code, 200);
     let resources = list["resources"].as_array().unwrap();

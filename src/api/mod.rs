@@ -41,6 +41,11 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Region::crd(), Image::crd(), ImageShare::crd(), ImageCopy::crd(), ImageQuota::crd()]
 }
 
+/// An in-memory Kubernetes API serving [`crds()`] (tests, `ims-operator local`, kubectl).
+pub fn embedded() -> kube_embedded::ApiServer {
+    kube_embedded::ApiServer::new(crds())
+}
+
 /// A DNS-1123 label: namespace names, tenant names.
 pub(crate) const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// A DNS-1123 subdomain: object names.

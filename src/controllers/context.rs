@@ -116,7 +116,7 @@ pub(crate) fn test_image(name: &str, uid: &str, deleting: bool) -> Image {
 /// controller unit tests.
 #[cfg(test)]
 pub(crate) async fn test_api(namespaces: &[&str]) -> (Client, Vec<Namespace>) {
-    let client = crate::embedded::ApiServer::new().client();
+    let client = crate::api::embedded().client();
     let api: Api<Namespace> = Api::all(client.clone());
     let mut created = Vec::new();
     for name in namespaces {

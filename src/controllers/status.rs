@@ -74,7 +74,7 @@ mod tests {
     #[tokio::test]
     async fn the_status_of_an_object_that_is_gone_is_not_written_and_not_an_error() {
         use crate::api::{Region, RegionStatus};
-        let api: Api<Region> = Api::all(crate::embedded::ApiServer::new().client());
+        let api: Api<Region> = Api::all(crate::api::embedded().client());
         let status = RegionStatus { images: Some(1), ..Default::default() };
         assert!(!apply_status(&api, "gone", "test", None, &status).await.unwrap());
         let region = serde_json::json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": "here"},

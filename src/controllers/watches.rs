@@ -404,7 +404,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_shutdown_right_after_the_start_stops_every_controller() {
         for _ in 0..5 {
-            let client = crate::embedded::ApiServer::new().client();
+            let client = crate::api::embedded().client();
             let config = Config::default();
             let readiness = config.readiness.clone();
             let shutdown = async move {

@@ -11,7 +11,6 @@ use std::{sync::Mutex, time::Duration};
 use ims_operator::{
     api,
     controllers::{self, Config},
-    embedded::ApiServer,
     policy::Policy,
     store::StoreConfig,
 };
@@ -21,6 +20,7 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::wait::{Condition, await_condition},
 };
+use kube_embedded::ApiServer;
 use serde::de::DeserializeOwned;
 
 /// Where a scenario runs.
@@ -63,7 +63,7 @@ impl Env {
     /// A fresh embedded API server.
     pub async fn embedded() -> Env {
         log_if_asked();
-        let server = ApiServer::new();
+        let server = api::embedded();
         Env {
             client: server.client(),
             backend: Backend::Embedded(server),

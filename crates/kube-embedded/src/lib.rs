@@ -1,16 +1,19 @@
-//! An in-memory Kubernetes API server: the stand-in for kube-apiserver that the real
-//! controllers run against in tests, in `ims-operator local`, and over HTTP for kubectl.
+#![doc = include_str!("../README.md")]
 //!
-//! It serves the five ims.io kinds (validated against their generated schemas and CEL rules),
-//! Namespaces, Secrets, events.k8s.io Events and coordination.k8s.io Leases, with
-//! kube-apiserver's semantics for create, get, list, watch, update, patch (JSON, merge and
-//! server-side apply), delete with finalizers, namespaces and discovery.
+//! ## Modules
+//!
+//! - [`schema`]: validation of objects against a CRD's `openAPIV3Schema` (pruning, defaulting,
+//!   OpenAPI validation, list types, CEL rules), usable without the server ([`schema::CrdSchema`]).
+//! - [`managed`]: server-side apply field management (`metadata.managedFields`).
+//! - [`patch`]: JSON Patch and JSON Merge Patch with kube-apiserver's errors.
+//! - [`selector`]: label and field selectors.
 
 mod errors;
 pub mod managed;
 mod openapi;
 pub mod patch;
 mod registry;
+pub mod schema;
 pub mod selector;
 mod store;
 mod table;
@@ -32,6 +35,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::Frame;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -73,20 +77,38 @@ impl Default for Options {
 }
 
 impl ApiServer {
-    /// A server with the default options.
-    pub fn new() -> Self {
-        Self::with_options(Options::default())
+    /// A server of `crds` (and the built-in kinds), with the default options.
+    ///
+    /// # Panics
+    ///
+    /// When a CRD cannot be served (no storage version, a schema that does not compile): see
+    /// [`ApiServer::try_with_options`] to get the error instead.
+    pub fn new(crds: impl IntoIterator<Item = CustomResourceDefinition>) -> Self {
+        Self::with_options(crds, Options::default())
     }
 
-    /// A server with the given options.
-    pub fn with_options(options: Options) -> Self {
-        let kinds = registry::kinds().expect("the generated CRDs are valid");
+    /// A server of `crds` (and the built-in kinds) with the given options.
+    ///
+    /// # Panics
+    ///
+    /// As [`ApiServer::new`].
+    pub fn with_options(crds: impl IntoIterator<Item = CustomResourceDefinition>, options: Options) -> Self {
+        Self::try_with_options(crds, options).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A server of `crds` (and the built-in kinds) with the given options, or why a CRD cannot
+    /// be served.
+    pub fn try_with_options(
+        crds: impl IntoIterator<Item = CustomResourceDefinition>,
+        options: Options,
+    ) -> Result<Self, InvalidCrd> {
+        let kinds = registry::kinds(crds).map_err(InvalidCrd)?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9e37_79b9_7f4a_7c15)
             ^ u64::from(std::process::id());
-        ApiServer {
+        Ok(ApiServer {
             inner: Arc::new(Inner {
                 kinds,
                 store: Mutex::new(Store::new(options.history)),
@@ -94,7 +116,7 @@ impl ApiServer {
                 seed,
                 bookmark_every: options.bookmark_every,
             }),
-        }
+        })
     }
 
     /// A kube client talking to this server in-process.
@@ -173,10 +195,16 @@ impl ApiServer {
 }
 
 impl Default for ApiServer {
+    /// A server of the built-in kinds only (no CRDs).
     fn default() -> Self {
-        Self::new()
+        Self::new([])
     }
 }
+
+/// A CRD the server cannot serve (no storage version, a schema that does not compile).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCrd(pub String);
 
 fn json_response(code: u16, value: &Value) -> http::Response<ResponseBody> {
     let body = serde_json::to_vec(value).unwrap_or_default();
@@ -433,7 +461,7 @@ fn version_info() -> Value {
     json!({
         "major": "1",
         "minor": "36",
-        "gitVersion": "v1.36.0-ims-embedded",
+        "gitVersion": "v1.36.0-kube-embedded",
         "gitCommit": "",
         "gitTreeState": "clean",
         "buildDate": "",

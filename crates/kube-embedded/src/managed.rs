@@ -16,12 +16,19 @@
 //!   changed, from whoever owned it.
 //! - [`conflict_message`] / [`conflict_status`] build kube-apiserver's 409 answer.
 //!
-//! How lists and maps merge comes from the CRD's `openAPIV3Schema` ([`MergeSchema`]).
+//! How lists and maps merge comes from the CRD's `openAPIV3Schema` ([`MergeSchema`]), read from
+//! the schema the validation compiled (`schema::node`): there is one schema compiler.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::{Arc, LazyLock},
+};
 
 use super::patch::json_equal;
-use crate::schema::go_quote;
+use crate::schema::{
+    CrdSchema, go_quote,
+    node::{Additional, Node},
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
 use serde_json::{Map, Value, json};
@@ -39,198 +46,190 @@ const IGNORED_APPLIED_METADATA: &[&str] =
 // Schema
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug, PartialEq)]
-enum Node {
-    /// Nothing known: objects are granular maps (their members are map items), lists are atomic.
-    Any,
-    Scalar,
-    Object(ObjectNode),
-    List(ListNode),
-}
+/// What is known of a node with no schema: objects are granular maps (their members are map
+/// items), lists are atomic.
+static ANY: LazyLock<Node> = LazyLock::new(Node::default);
 
-#[derive(Clone, Debug, PartialEq)]
-struct ObjectNode {
-    /// Named (struct) fields.
-    fields: BTreeMap<String, Node>,
-    /// Schema of other members (`additionalProperties`, preserved unknown fields); `None`: unknown.
-    rest: Option<Box<Node>>,
-    /// `x-kubernetes-map-type: atomic`
-    atomic: bool,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct ListNode {
-    kind: ListKind,
-    items: Box<Node>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum ListKind {
-    Atomic,
-    Set,
-    Map(Vec<String>),
-}
-
-static ANY: Node = Node::Any;
-
-impl Node {
-    /// The schema of member `k`, and whether it is a named field (not a map item).
-    fn field(&self, k: &str) -> (&Node, bool) {
-        match self {
-            Node::Object(o) => match o.fields.get(k) {
-                Some(n) => (n, true),
-                None => (o.rest.as_deref().unwrap_or(&ANY), false),
-            },
-            _ => (&ANY, false),
-        }
-    }
-
-    fn items(&self) -> &Node {
-        match self {
-            Node::List(l) => &l.items,
-            _ => &ANY,
-        }
-    }
-
-    fn granular_list(&self) -> Option<&ListKind> {
-        match self {
-            Node::List(l) if l.kind != ListKind::Atomic => Some(&l.kind),
-            _ => None,
-        }
-    }
-
-    fn is_atomic_object(&self) -> bool {
-        matches!(self, Node::Object(o) if o.atomic)
-    }
-}
-
-/// How lists and maps merge, from an `openAPIV3Schema` (`x-kubernetes-list-type: atomic|set|map`
-/// with `x-kubernetes-list-map-keys`, `x-kubernetes-map-type: atomic|granular`); built-in
-/// knowledge for metadata (labels/annotations granular maps, finalizers = set, ownerReferences =
-/// map keyed by uid, managedFields never owned) and for kinds without a schema (`None`: lists
-/// atomic, maps granular).
-///
-/// As for CRDs, a list without `x-kubernetes-list-type` is atomic and an object without
-/// `x-kubernetes-map-type` is granular.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MergeSchema {
-    root: Node,
-}
-
-impl Default for MergeSchema {
-    /// The schema of a kind without one: `MergeSchema::from_openapi(None)`.
-    fn default() -> Self {
-        Self::from_openapi(None)
-    }
-}
-
-impl MergeSchema {
-    /// Builds the merge rules from a CRD version's `openAPIV3Schema` (or `None`).
-    ///
-    /// Never fails: parts of the schema that cannot be understood merge like schemaless data.
-    pub fn from_openapi(schema: Option<&Value>) -> Self {
-        let mut root = match schema.map(|s| convert(s, 0)) {
-            Some(Node::Object(o)) => o,
-            _ => ObjectNode { fields: BTreeMap::new(), rest: Some(Box::new(Node::Any)), atomic: false },
-        };
-        root.atomic = false;
-        root.fields.insert("apiVersion".to_owned(), Node::Scalar);
-        root.fields.insert("kind".to_owned(), Node::Scalar);
-        root.fields.insert("metadata".to_owned(), object_meta());
-        Self { root: Node::Object(root) }
-    }
-}
-
-fn convert(s: &Value, depth: usize) -> Node {
-    let Some(m) = s.as_object() else {
-        return Node::Any;
-    };
-    if depth > 64 {
-        return Node::Any;
-    }
-    let flag = |k: &str| m.get(k) == Some(&Value::Bool(true));
-    if flag("x-kubernetes-int-or-string") {
-        return Node::Scalar;
-    }
-    let ty = m.get("type").and_then(Value::as_str);
-    let properties = m.get("properties").and_then(Value::as_object);
-    let additional = m.get("additionalProperties");
-    let objectish =
-        properties.is_some() || matches!(additional, Some(Value::Object(_))) || additional == Some(&Value::Bool(true));
-    match ty {
-        Some("object") => convert_object(m, depth),
-        None if objectish => convert_object(m, depth),
-        Some("array") => {
-            let items = m.get("items").map(|i| convert(i, depth + 1)).unwrap_or(Node::Any);
-            let kind = match m.get("x-kubernetes-list-type").and_then(Value::as_str) {
-                Some("set") => ListKind::Set,
-                Some("map") => {
-                    let keys: Vec<String> = m
-                        .get("x-kubernetes-list-map-keys")
-                        .and_then(Value::as_array)
-                        .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default();
-                    if keys.is_empty() { ListKind::Atomic } else { ListKind::Map(keys) }
-                }
-                _ => ListKind::Atomic,
-            };
-            Node::List(ListNode { kind, items: Box::new(items) })
-        }
-        Some("string" | "integer" | "number" | "boolean") => Node::Scalar,
-        _ => Node::Any,
-    }
-}
-
-fn convert_object(m: &Map<String, Value>, depth: usize) -> Node {
-    let fields = m
-        .get("properties")
-        .and_then(Value::as_object)
-        .map(|p| p.iter().map(|(k, v)| (k.clone(), convert(v, depth + 1))).collect())
-        .unwrap_or_default();
-    let rest = match m.get("additionalProperties") {
-        Some(a @ Value::Object(_)) => Some(Box::new(convert(a, depth + 1))),
-        Some(Value::Bool(true)) => Some(Box::new(Node::Any)),
-        _ if m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) => Some(Box::new(Node::Any)),
-        _ => None,
-    };
-    let atomic = m.get("x-kubernetes-map-type").and_then(Value::as_str) == Some("atomic");
-    Node::Object(ObjectNode { fields, rest, atomic })
-}
-
-/// `ObjectMeta` as kube-apiserver types it.
-fn object_meta() -> Node {
-    let scalars = |names: &[&str]| names.iter().map(|n| ((*n).to_owned(), Node::Scalar)).collect::<BTreeMap<_, _>>();
-    let string_map =
-        || Node::Object(ObjectNode { fields: BTreeMap::new(), rest: Some(Box::new(Node::Scalar)), atomic: false });
-    let owner_reference = Node::Object(ObjectNode {
-        fields: scalars(&["apiVersion", "kind", "name", "uid", "controller", "blockOwnerDeletion"]),
-        rest: None,
-        atomic: false,
-    });
-    let mut fields = scalars(&[
+/// The root fields every object has, typed as kube-apiserver types them: `apiVersion`, `kind`
+/// and `ObjectMeta` (labels/annotations granular maps, finalizers a set, ownerReferences a map
+/// keyed by uid, managedFields atomic).
+static OBJECT_ROOT: LazyLock<Node> = LazyLock::new(|| {
+    let string = json!({"type": "string"});
+    let string_map = json!({"type": "object", "additionalProperties": string});
+    let mut meta: Map<String, Value> = [
         "name",
         "generateName",
         "namespace",
         "selfLink",
         "uid",
         "resourceVersion",
-        "generation",
         "creationTimestamp",
         "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-    ]);
-    fields.insert("labels".to_owned(), string_map());
-    fields.insert("annotations".to_owned(), string_map());
-    fields.insert("finalizers".to_owned(), Node::List(ListNode { kind: ListKind::Set, items: Box::new(Node::Scalar) }));
-    fields.insert(
+    ]
+    .iter()
+    .map(|n| ((*n).to_owned(), string.clone()))
+    .collect();
+    for n in ["generation", "deletionGracePeriodSeconds"] {
+        meta.insert(n.to_owned(), json!({"type": "integer"}));
+    }
+    meta.insert("labels".to_owned(), string_map.clone());
+    meta.insert("annotations".to_owned(), string_map);
+    meta.insert("finalizers".to_owned(), json!({"type": "array", "x-kubernetes-list-type": "set", "items": string}));
+    meta.insert(
         "ownerReferences".to_owned(),
-        Node::List(ListNode { kind: ListKind::Map(vec!["uid".to_owned()]), items: Box::new(owner_reference) }),
+        json!({
+            "type": "array",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["uid"],
+            "items": {"type": "object", "properties": {
+                "apiVersion": string, "kind": string, "name": string, "uid": string,
+                "controller": {"type": "boolean"}, "blockOwnerDeletion": {"type": "boolean"}
+            }}
+        }),
     );
-    fields.insert(
-        "managedFields".to_owned(),
-        Node::List(ListNode { kind: ListKind::Atomic, items: Box::new(Node::Any) }),
-    );
-    Node::Object(ObjectNode { fields, rest: None, atomic: false })
+    meta.insert("managedFields".to_owned(), json!({"type": "array", "items": {}}));
+    let root = json!({
+        "type": "object",
+        "properties": {"apiVersion": string, "kind": string, "metadata": {"type": "object", "properties": meta}}
+    });
+    Node::compile(&root).expect("the built-in root schema compiles")
+});
+
+/// A place in the schema of an object, as the field manager walks it.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    /// The object itself: [`OBJECT_ROOT`]'s fields, then those of the kind's schema (if any),
+    /// never atomic.
+    Root(Option<&'a Node>),
+    /// A node of a schema ([`ANY`] where nothing is known).
+    Node(&'a Node),
+}
+
+/// A granular (associative) list: items are identified by value or by their keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListKind<'a> {
+    Set,
+    Map(&'a [String]),
+}
+
+/// How structured-merge-diff reads a schema node (`schemaconv`): a scalar, an object (map) or a
+/// list; anything else (no type, no properties) is "any": merged like schemaless data.
+fn is_scalar(n: &Node) -> bool {
+    n.int_or_string || matches!(n.ty.as_str(), "string" | "integer" | "number" | "boolean")
+}
+
+fn is_object(n: &Node) -> bool {
+    let objectish = n.has_properties || matches!(n.additional, Some(Additional::Schema(_) | Additional::Bool(true)));
+    !n.int_or_string && (n.ty == "object" || (n.ty.is_empty() && objectish))
+}
+
+fn is_list(n: &Node) -> bool {
+    !n.int_or_string && n.ty == "array"
+}
+
+impl<'a> At<'a> {
+    fn any() -> At<'a> {
+        At::Node(&ANY)
+    }
+
+    /// The schema of member `k`, and whether it is a named field (not a map item).
+    fn field(self, k: &str) -> (At<'a>, bool) {
+        match self {
+            At::Root(schema) => match OBJECT_ROOT.properties.get(k) {
+                Some(n) => (At::Node(n), true),
+                None => match schema {
+                    Some(n) => At::Node(n).field(k),
+                    None => (At::any(), false),
+                },
+            },
+            At::Node(n) if is_object(n) => match n.properties.get(k) {
+                Some(c) => (At::Node(c), true),
+                // additionalProperties, or unknown members (preserved or not): any.
+                None => (n.additional_schema().map_or(At::any(), At::Node), false),
+            },
+            At::Node(_) => (At::any(), false),
+        }
+    }
+
+    fn items(self) -> At<'a> {
+        match self {
+            At::Node(n) if is_list(n) => n.items.as_deref().map_or(At::any(), At::Node),
+            _ => At::any(),
+        }
+    }
+
+    /// `x-kubernetes-list-type: set`, or `map` with `x-kubernetes-list-map-keys`; lists are
+    /// atomic otherwise (as for CRDs, also without `x-kubernetes-list-type`).
+    fn granular_list(self) -> Option<ListKind<'a>> {
+        match self {
+            At::Node(n) if is_list(n) => match n.list_type.as_deref() {
+                Some("set") => Some(ListKind::Set),
+                Some("map") if !n.list_map_keys.is_empty() => Some(ListKind::Map(&n.list_map_keys)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// `x-kubernetes-map-type: atomic` (objects are granular otherwise).
+    fn is_atomic_object(self) -> bool {
+        matches!(self, At::Node(n) if is_object(n) && n.map_type.as_deref() == Some("atomic"))
+    }
+
+    /// Whether a `null` here sets nothing: maps and granular lists (and unknown nodes) are
+    /// containers, scalars, atomic maps and atomic lists are leaves.
+    fn is_granular(self) -> bool {
+        match self {
+            At::Root(_) => true,
+            At::Node(n) if is_scalar(n) => false,
+            At::Node(n) if is_object(n) => !self.is_atomic_object(),
+            At::Node(n) if is_list(n) => self.granular_list().is_some(),
+            At::Node(_) => true,
+        }
+    }
+}
+
+/// How lists and maps merge, read from the kind's compiled `openAPIV3Schema`
+/// (`x-kubernetes-list-type: atomic|set|map` with `x-kubernetes-list-map-keys`,
+/// `x-kubernetes-map-type: atomic|granular`), with built-in knowledge for metadata (labels and
+/// annotations granular maps, finalizers a set, ownerReferences a map keyed by uid, managedFields
+/// never owned) and for kinds without a schema (`None`: lists atomic, maps granular).
+///
+/// As for CRDs, a list without `x-kubernetes-list-type` is atomic and an object without
+/// `x-kubernetes-map-type` is granular.
+#[derive(Clone, Debug, Default)]
+pub struct MergeSchema {
+    root: Option<Arc<Node>>,
+}
+
+impl PartialEq for MergeSchema {
+    /// The same schema (the same compiled one, or none).
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.root, &other.root) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl MergeSchema {
+    /// The merge rules of a kind validated by `schema` (sharing its compiled schema), or of a
+    /// kind without one (`None`).
+    pub fn of(schema: Option<&CrdSchema>) -> Self {
+        Self { root: schema.map(|s| Arc::clone(s.node())) }
+    }
+
+    /// Compiles the merge rules from a CRD version's `openAPIV3Schema` (or `None`).
+    ///
+    /// Never fails: a schema that does not compile merges like schemaless data.
+    pub fn from_openapi(schema: Option<&Value>) -> Self {
+        Self { root: schema.and_then(|s| Node::compile(s).ok()).map(Arc::new) }
+    }
+
+    fn root(&self) -> At<'_> {
+        At::Root(self.root.as_deref())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,11 +500,11 @@ fn identity_set() -> FieldSet {
 
 enum Shape<'a> {
     Map(&'a Map<String, Value>),
-    List(&'a [Value], &'a ListKind),
+    List(&'a [Value], ListKind<'a>),
     Leaf,
 }
 
-fn shape<'a>(node: &'a Node, v: &'a Value) -> Shape<'a> {
+fn shape<'a>(node: At<'a>, v: &'a Value) -> Shape<'a> {
     match v {
         Value::Object(m) if !node.is_atomic_object() => Shape::Map(m),
         Value::Array(items) => match node.granular_list() {
@@ -516,7 +515,7 @@ fn shape<'a>(node: &'a Node, v: &'a Value) -> Shape<'a> {
     }
 }
 
-fn item_pe(kind: &ListKind, item: &Value) -> PathElement {
+fn item_pe(kind: ListKind<'_>, item: &Value) -> PathElement {
     match (kind, item) {
         (ListKind::Map(keys), Value::Object(m)) => {
             let mut kvs: Vec<(String, String)> =
@@ -530,13 +529,13 @@ fn item_pe(kind: &ListKind, item: &Value) -> PathElement {
 }
 
 /// The set of fields a value sets (`TypedValue.ToFieldSet`): leaves, list items and map items.
-fn to_field_set(node: &Node, v: &Value) -> FieldSet {
+fn to_field_set(node: At<'_>, v: &Value) -> FieldSet {
     let mut out = FieldSet::default();
     walk_field_set(node, v, &mut Vec::new(), &mut out);
     out
 }
 
-fn walk_field_set(node: &Node, v: &Value, path: &mut Vec<PathElement>, out: &mut FieldSet) {
+fn walk_field_set(node: At<'_>, v: &Value, path: &mut Vec<PathElement>, out: &mut FieldSet) {
     match shape(node, v) {
         Shape::Map(m) => {
             for (k, cv) in m {
@@ -558,9 +557,7 @@ fn walk_field_set(node: &Node, v: &Value, path: &mut Vec<PathElement>, out: &mut
             }
         }
         Shape::Leaf => {
-            let granular = matches!(node, Node::Any | Node::Object(ObjectNode { atomic: false, .. }))
-                || node.granular_list().is_some();
-            if !(v.is_null() && granular) {
+            if !(v.is_null() && node.is_granular()) {
                 out.insert(path);
             }
         }
@@ -568,7 +565,7 @@ fn walk_field_set(node: &Node, v: &Value, path: &mut Vec<PathElement>, out: &mut
 }
 
 /// Merges the applied configuration `rhs` into `lhs`; `None` when the result is absent.
-fn merge(node: &Node, lhs: &Value, rhs: &Value) -> Option<Value> {
+fn merge(node: At<'_>, lhs: &Value, rhs: &Value) -> Option<Value> {
     if rhs.is_null() {
         return match shape(node, lhs) {
             Shape::Map(_) | Shape::List(..) => Some(lhs.clone()),
@@ -601,7 +598,7 @@ fn merge(node: &Node, lhs: &Value, rhs: &Value) -> Option<Value> {
 }
 
 /// An applied value where live has none: `null` members dropped.
-fn fresh(node: &Node, rhs: &Value) -> Option<Value> {
+fn fresh(node: At<'_>, rhs: &Value) -> Option<Value> {
     match rhs {
         Value::Null => None,
         Value::Object(m) => Some(Value::Object(
@@ -611,7 +608,7 @@ fn fresh(node: &Node, rhs: &Value) -> Option<Value> {
     }
 }
 
-fn merge_item(node: &Node, lhs: Option<&Value>, rhs: &Value) -> Option<Value> {
+fn merge_item(node: At<'_>, lhs: Option<&Value>, rhs: &Value) -> Option<Value> {
     match lhs {
         Some(l) => merge(node, l, rhs),
         None => fresh(node, rhs),
@@ -620,7 +617,7 @@ fn merge_item(node: &Node, lhs: Option<&Value>, rhs: &Value) -> Option<Value> {
 
 /// Merges associative lists the way structured-merge-diff orders them: items only in `l` keep
 /// their place, items of `r` come in `r`'s order.
-fn merge_lists(items_node: &Node, kind: &ListKind, l: &[Value], r: &[Value]) -> Vec<Value> {
+fn merge_lists(items_node: At<'_>, kind: ListKind<'_>, l: &[Value], r: &[Value]) -> Vec<Value> {
     let lpes: Vec<PathElement> = l.iter().map(|v| item_pe(kind, v)).collect();
     let mut observed_l: BTreeMap<&PathElement, usize> = BTreeMap::new();
     for (i, pe) in lpes.iter().enumerate() {
@@ -694,14 +691,14 @@ struct Comparison {
     removed: FieldSet,
 }
 
-fn compare(node: &Node, old: &Value, new: &Value) -> Comparison {
+fn compare(node: At<'_>, old: &Value, new: &Value) -> Comparison {
     let mut c = Comparison::default();
     walk_compare(node, Some(old), Some(new), &mut Vec::new(), &mut c);
     c
 }
 
 fn walk_compare(
-    node: &Node,
+    node: At<'_>,
     old: Option<&Value>,
     new: Option<&Value>,
     path: &mut Vec<PathElement>,
@@ -745,7 +742,7 @@ fn walk_compare(
     }
 }
 
-fn index_items<'a>(kind: &ListKind, items: &'a [Value]) -> BTreeMap<PathElement, &'a Value> {
+fn index_items<'a>(kind: ListKind<'_>, items: &'a [Value]) -> BTreeMap<PathElement, &'a Value> {
     let mut out = BTreeMap::new();
     for item in items {
         out.entry(item_pe(kind, item)).or_insert(item);
@@ -753,12 +750,12 @@ fn index_items<'a>(kind: &ListKind, items: &'a [Value]) -> BTreeMap<PathElement,
     out
 }
 
-fn mark(node: &Node, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
+fn mark(node: At<'_>, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
     set.insert(path);
     mark_children(node, v, path, set);
 }
 
-fn mark_children(node: &Node, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
+fn mark_children(node: At<'_>, v: &Value, path: &mut Vec<PathElement>, set: &mut FieldSet) {
     match shape(node, v) {
         Shape::Map(m) => {
             for (k, cv) in m {
@@ -780,7 +777,7 @@ fn mark_children(node: &Node, v: &Value, path: &mut Vec<PathElement>, set: &mut 
 
 /// Removes every member of `set` from `v` (`TypedValue.RemoveItems`); containers left empty
 /// disappear.
-fn remove_items(node: &Node, v: &Value, set: &FieldSet) -> Option<Value> {
+fn remove_items(node: At<'_>, v: &Value, set: &FieldSet) -> Option<Value> {
     match shape(node, v) {
         Shape::Map(m) => {
             let mut out = Map::new();
@@ -820,12 +817,12 @@ fn remove_items(node: &Node, v: &Value, set: &FieldSet) -> Option<Value> {
     }
 }
 
-fn remove_from_object(node: &Node, v: &Value, set: &FieldSet) -> Value {
+fn remove_from_object(node: At<'_>, v: &Value, set: &FieldSet) -> Value {
     remove_items(node, v, set).unwrap_or_else(|| Value::Object(Map::new()))
 }
 
 /// `Set.EnsureNamedFieldsAreMembers`: named (struct) fields on the way to a path become members.
-fn with_named_fields(node: &Node, set: &FieldSet) -> FieldSet {
+fn with_named_fields(node: At<'_>, set: &FieldSet) -> FieldSet {
     let mut out = FieldSet { members: set.members.clone(), children: BTreeMap::new() };
     for (pe, c) in &set.children {
         let child = match pe {
@@ -845,7 +842,7 @@ fn with_named_fields(node: &Node, set: &FieldSet) -> FieldSet {
 
 /// `Updater.prune`: removes what the applier owned last time and no longer applies, unless some
 /// manager (the applier's new configuration included) still owns it.
-fn prune(root: &Node, merged: Value, managers: &Managers, last: Option<&FieldSet>) -> Value {
+fn prune(root: At<'_>, merged: Value, managers: &Managers, last: Option<&FieldSet>) -> Value {
     let Some(last) = last.filter(|s| !s.is_empty()) else {
         return merged;
     };
@@ -1063,7 +1060,7 @@ pub struct ApplyConflict {
 }
 
 impl ApplyConflict {
-    /// The owner as kube-apiserver describes it: `"kubectl"`, `"kubectl" using ims.io/v1alpha1`
+    /// The owner as kube-apiserver describes it: `"kubectl"`, `"kubectl" using example.com/v1`
     /// for updaters, `"ctl" with subresource "status"` for subresource entries.
     pub fn manager_description(&self) -> String {
         let mut out = go_quote(&self.manager);
@@ -1087,7 +1084,7 @@ impl ApplyConflict {
 }
 
 /// The 409 Conflict message kube-apiserver writes, e.g.
-/// `Apply failed with 1 conflict: conflict with "kubectl" using ims.io/v1alpha1: .spec.region`;
+/// `Apply failed with 1 conflict: conflict with "kubectl" using example.com/v1: .spec.region`;
 /// several conflicts are grouped by owner (`Apply failed with 2 conflicts: conflicts with "a":\n- .spec.x\n...`).
 pub fn conflict_message(conflicts: &[ApplyConflict]) -> String {
     if let [one] = conflicts {
@@ -1164,7 +1161,7 @@ pub fn apply(
     force: bool,
     now: &Time,
 ) -> Result<Value, Vec<ApplyConflict>> {
-    let root = &schema.root;
+    let root = schema.root();
     let manager = if manager.is_empty() { "unknown" } else { manager };
     let subresource = subresource.unwrap_or_default();
 
@@ -1276,7 +1273,7 @@ pub fn record_update(
     subresource: Option<&str>,
     now: &Time,
 ) -> Value {
-    let root = &schema.root;
+    let root = schema.root();
     let Some(new_map) = new.as_object() else {
         return new.clone();
     };
@@ -2121,12 +2118,18 @@ mod tests {
                 }}
             }
         })));
-        let Node::Object(root) = &s.root else { panic!("root must be an object") };
-        let Some(Node::Object(spec)) = root.fields.get("spec") else { panic!("spec must be an object") };
-        assert_eq!(spec.fields.get("ios"), Some(&Node::Scalar));
-        assert!(matches!(spec.fields.get("free"), Some(Node::Object(ObjectNode { rest: Some(_), .. }))));
-        assert!(matches!(spec.fields.get("badmap"), Some(Node::List(ListNode { kind: ListKind::Atomic, .. }))));
-        assert!(matches!(root.fields.get("metadata"), Some(Node::Object(_))));
+        let (spec, named) = s.root().field("spec");
+        assert!(named && matches!(spec, At::Node(n) if is_object(n)), "spec must be an object");
+        assert!(matches!(spec.field("ios").0, At::Node(n) if is_scalar(n)));
+        let (free, _) = spec.field("free");
+        assert!(matches!(free, At::Node(n) if is_object(n) && n.preserve_unknown));
+        assert!(
+            matches!(free.field("anything"), (At::Node(n), false) if !is_scalar(n) && !is_object(n) && !is_list(n))
+        );
+        let (badmap, _) = spec.field("badmap");
+        assert!(matches!(badmap, At::Node(n) if is_list(n)) && badmap.granular_list().is_none());
+        let (metadata, named) = s.root().field("metadata");
+        assert!(named && matches!(metadata, At::Node(n) if is_object(n)));
     }
 
     #[test]

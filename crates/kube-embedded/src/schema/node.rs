@@ -6,7 +6,12 @@ use serde_json::{Map, Value};
 
 use super::cel::CelRule;
 
-/// Deepest schema nesting accepted (a guard against stack exhaustion on absurd schemas).
+/// Deepest schema nesting accepted: a guard against stack exhaustion on absurd schemas, the one
+/// limit of every walk over a compiled schema (validation, pruning, defaulting, CEL and the field
+/// manager's merges, which reads this same [`Node`]). kube-apiserver has no nesting limit of its
+/// own for `openAPIV3Schema` (only the size limits of a request body and of a stored object bound
+/// it), so this is set well above any real CRD; the field manager once had its own limit of 64
+/// (below which it merged like schemaless data) and now follows the schema to this depth.
 pub(crate) const MAX_SCHEMA_DEPTH: usize = 200;
 
 /// `additionalProperties`: a boolean or a schema.
@@ -25,7 +30,8 @@ pub(crate) struct Pattern {
     pub re: Result<regex::Regex, String>,
 }
 
-/// One node of the schema.
+/// One node of the schema: what validation, pruning, defaulting, CEL and the field manager
+/// (`x-kubernetes-list-type`, `x-kubernetes-list-map-keys`, `x-kubernetes-map-type`) read.
 #[derive(Debug, Default)]
 pub(crate) struct Node {
     /// `type` as written ("" when absent).
@@ -38,6 +44,9 @@ pub(crate) struct Node {
     pub vformat: String,
     pub nullable: bool,
     pub properties: BTreeMap<String, Node>,
+    /// Whether `properties` is present (also when empty): with no `type`, such a node is an
+    /// object to the field manager.
+    pub has_properties: bool,
     pub additional: Option<Additional>,
     pub items: Option<Box<Node>>,
     pub required: Vec<String>,
@@ -220,6 +229,7 @@ fn compile(v: &Value, depth: usize, path: &str) -> Result<Node, String> {
     }
 
     if let Some(props) = m.get("properties").and_then(Value::as_object) {
+        n.has_properties = true;
         for (k, pv) in props {
             let child = compile(pv, depth + 1, &format!("{path}.properties[{k}]"))?;
             n.properties.insert(k.clone(), child);

@@ -1,5 +1,5 @@
-//! The resources the embedded API serves: the five ims.io kinds (from their generated CRDs) and
-//! the built-in kinds the operator and kubectl use.
+//! The resources the embedded API serves: the custom resources of the CRDs it is given and the
+//! built-in kinds controllers and kubectl commonly use.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceColumnDefinition, CustomResourceDefinition,
@@ -27,7 +27,7 @@ pub struct Kind {
     pub has_status: bool,
     /// Short names for discovery.
     pub short_names: Vec<String>,
-    /// Categories for discovery (`kubectl get ims`).
+    /// Categories for discovery (`kubectl get <category>`).
     pub categories: Vec<String>,
     /// Structural schema and CEL rules (custom resources only).
     pub schema: Option<CrdSchema>,
@@ -61,6 +61,8 @@ impl Kind {
             .find(|v| v.storage)
             .ok_or_else(|| format!("CRD {:?} has no storage version", crd.metadata.name))?;
         let openapi = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).map(|s| json!(s));
+        let schema = CrdSchema::from_crd(crd)?;
+        let merge = MergeSchema::of(Some(&schema));
         Ok(Kind {
             group: crd.spec.group.clone(),
             version: version.name.clone(),
@@ -71,8 +73,8 @@ impl Kind {
             has_status: version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
             short_names: crd.spec.names.short_names.clone().unwrap_or_default(),
             categories: crd.spec.names.categories.clone().unwrap_or_default(),
-            schema: Some(CrdSchema::from_crd(crd)?),
-            merge: MergeSchema::from_openapi(openapi.as_ref()),
+            schema: Some(schema),
+            merge,
             columns: version.additional_printer_columns.clone().unwrap_or_default(),
             custom: true,
             openapi,
@@ -91,7 +93,7 @@ impl Kind {
             short_names: Vec::new(),
             categories: Vec::new(),
             schema: None,
-            merge: MergeSchema::from_openapi(None),
+            merge: MergeSchema::of(None),
             columns: Vec::new(),
             custom: false,
             openapi: None,
@@ -128,8 +130,8 @@ impl Kind {
     }
 }
 
-/// Every kind the embedded API serves.
-pub fn kinds() -> Result<Vec<Kind>, String> {
+/// Every kind the embedded API serves: the built-in ones, then those of `crds`.
+pub fn kinds(crds: impl IntoIterator<Item = CustomResourceDefinition>) -> Result<Vec<Kind>, String> {
     let mut kinds = vec![
         Kind::builtin("", "v1", "Namespace", "namespaces", false, true),
         Kind::builtin("", "v1", "Secret", "secrets", true, false),
@@ -138,7 +140,7 @@ pub fn kinds() -> Result<Vec<Kind>, String> {
     ];
     kinds[0].short_names = vec!["ns".into()];
     kinds[2].short_names = vec!["ev".into()];
-    for crd in crate::api::crds() {
+    for crd in crds {
         kinds.push(Kind::from_crd(&crd)?);
     }
     Ok(kinds)

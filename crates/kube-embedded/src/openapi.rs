@@ -10,7 +10,7 @@ fn path_key(group: &str, version: &str) -> String {
     if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
 }
 
-/// Schema name of a kind, as kube-apiserver names CRD schemas (`io.ims.v1alpha1.Image`).
+/// Schema name of a kind, as kube-apiserver names CRD schemas (`com.example.v1.Widget`).
 fn schema_name(kind: &Kind) -> String {
     if kind.group.is_empty() {
         return format!("io.k8s.api.core.{}.{}", kind.version, kind.kind);
@@ -24,7 +24,7 @@ pub fn root(kinds: &[Kind]) -> Value {
     let mut paths = serde_json::Map::new();
     for kind in kinds {
         let key = path_key(&kind.group, &kind.version);
-        paths.insert(key.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash=ims")}));
+        paths.insert(key.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash=embedded")}));
     }
     json!({"paths": paths})
 }

@@ -19,7 +19,7 @@ mod errors;
 mod formats;
 mod listtype;
 mod meta;
-mod node;
+pub(crate) mod node;
 mod openapi;
 mod ratchet;
 mod structural;
@@ -27,7 +27,7 @@ mod structural;
 #[cfg(test)]
 mod tests;
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
@@ -76,7 +76,8 @@ pub const CEL_SKIPPED_DETAIL: &str = "some validation rules were not checked bec
 
 /// A CRD's structural schema (storage version), compiled once (regexes, CEL programs).
 pub struct CrdSchema {
-    root: Node,
+    /// Shared with the kind's merge rules (`managed::MergeSchema`): compiled once.
+    root: Arc<Node>,
     group: String,
     version: String,
     kind: String,
@@ -123,13 +124,18 @@ impl CrdSchema {
     /// status subresource): for tests of schema fragments.
     pub fn from_schema_json(schema: &Value) -> Result<Self, String> {
         Ok(CrdSchema {
-            root: Node::compile(schema)?,
+            root: Arc::new(Node::compile(schema)?),
             group: String::new(),
             version: String::new(),
             kind: String::new(),
             namespaced: false,
             status_subresource: false,
         })
+    }
+
+    /// The compiled schema.
+    pub(crate) fn node(&self) -> &Arc<Node> {
+        &self.root
     }
 
     /// The CRD's group.
@@ -240,7 +246,7 @@ impl CrdSchema {
 }
 
 /// The message of the 422 Status, as `apierrors.NewInvalid` writes it:
-/// `Image.ims.io "x" is invalid: [spec.region: Invalid value: ..., spec.tenants[1]: ...]`
+/// `Widget.example.com "x" is invalid: [spec.size: Invalid value: ..., spec.tags[1]: ...]`
 /// (one error: no brackets; repeated messages once).
 pub fn invalid_message(kind: &str, group: &str, name: &str, errors: &[FieldError]) -> String {
     let qualified = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
