@@ -60,11 +60,6 @@ impl ApiError {
         )
     }
 
-    /// 409 of a server-side apply conflict.
-    pub fn apply_conflict(message: String, causes: Vec<Value>) -> Self {
-        Self::new(409, "Conflict", message).with_details(json!({"causes": causes}))
-    }
-
     /// 422 with field causes.
     pub fn invalid(kind: &Kind, name: &str, errors: &[FieldError]) -> Self {
         let causes: Vec<Value> = errors
