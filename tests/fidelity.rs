@@ -147,7 +147,7 @@ scenarios! {
         assert_eq!(err.code, 422);
         assert_eq!(
             err.message,
-            "Image.ims.io \"moving\" is invalid: spec.region: Invalid value: \"string\": region is immutable: use an ImageCopy to put the image in another region"
+            "Image.ims.io \"moving\" is invalid: spec.region: Invalid value: \"us-east\": region is immutable: use an ImageCopy to put the image in another region"
         );
     }
 

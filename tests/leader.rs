@@ -67,8 +67,8 @@ scenarios! {
                 identity: identity.into(),
                 duration: Duration::from_secs(2),
             };
-            let lease_client = { let c = env.client.clone(); move || c };
-            tokio::spawn(leader::run(env.client.clone(), lease_client, lease, config.clone(), futures::future::pending::<()>()))
+            let lease_client = { let c = env.operator_client.clone(); move || c };
+            tokio::spawn(leader::run(env.operator_client.clone(), lease_client, lease, config.clone(), futures::future::pending::<()>()))
         };
         let a = candidate("a");
         let leases: Api<Lease> = Api::namespaced(env.client.clone(), &config.operator_namespace);

@@ -2,7 +2,9 @@
 //! on the real cluster of KUBECONFIG (`IMS_E2E=1 cargo test -- --ignored`).
 //!
 //! Each scenario gets its own namespaces (generateName `ims-e2e-`), and they are deleted after
-//! it, also when it panics.
+//! it, also when it panics. On a cluster, scenarios run one at a time ([`CLUSTER_TURN`]): each
+//! runs an operator in-process that acts on every namespace, and two at once would act on each
+//! other's objects (cargo runs test binaries one after another, so a lock per process is enough).
 
 #![allow(dead_code)]
 
@@ -33,8 +35,11 @@ pub enum Backend {
 
 /// A scenario's environment.
 pub struct Env {
-    /// Client for the backend.
+    /// Client for the backend (the cluster's admin on a cluster): what the scenario itself uses.
     pub client: Client,
+    /// The in-process operator's client: on a cluster, a token of deploy/'s ServiceAccount
+    /// `ims-system/ims-operator`, so every call the operator makes needs exactly deploy/'s RBAC.
+    pub operator_client: Client,
     /// Which backend.
     pub backend: Backend,
     namespaces: Mutex<Vec<String>>,
@@ -43,7 +48,12 @@ pub struct Env {
     pub policy: Policy,
     /// Where the in-process operator's file:// region stores live.
     pub data_dir: tempfile::TempDir,
+    /// A cluster scenario's turn (see [`CLUSTER_TURN`]), held until it ends.
+    _turn: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
+
+/// One cluster scenario at a time in a test binary.
+pub static CLUSTER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `IMS_TEST_LOG=<filter>` (a `RUST_LOG` filter, e.g. `ims_operator=debug`) logs the operator
 /// of a scenario to stderr; run one scenario with `--nocapture` to read it.
@@ -66,11 +76,13 @@ impl Env {
         let server = api::embedded();
         Env {
             client: server.client(),
+            operator_client: server.client(),
             backend: Backend::Embedded(server),
             namespaces: Mutex::new(Vec::new()),
             operator: Mutex::new(None),
             policy: Policy::default(),
             data_dir: tempfile::tempdir().expect("temp dir"),
+            _turn: None,
         }
     }
 
@@ -82,6 +94,7 @@ impl Env {
             Ok("1"),
             "cluster scenarios need IMS_E2E=1 and KUBECONFIG pointing at a cluster"
         );
+        let turn = CLUSTER_TURN.lock().await;
         let client = Client::try_default().await.expect("a cluster from KUBECONFIG");
         let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
             Api::all(client.clone());
@@ -91,13 +104,16 @@ impl Env {
             let established = await_condition(crds.clone(), &name, kube::runtime::conditions::is_crd_established());
             tokio::time::timeout(WAIT, established).await.expect("CRD established in time").expect("watch CRD");
         }
+        let operator_client = operator_identity(&client).await;
         Env {
             client,
+            operator_client,
             backend: Backend::Cluster,
             namespaces: Mutex::new(Vec::new()),
             operator: Mutex::new(None),
             policy: Policy::default(),
             data_dir: tempfile::tempdir().expect("temp dir"),
+            _turn: Some(turn),
         }
     }
 
@@ -147,7 +163,7 @@ impl Env {
     pub fn start_operator(&self) {
         let config = self.operator_config();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(controllers::run(self.client.clone(), config, async move {
+        let handle = tokio::spawn(controllers::run(self.operator_client.clone(), config, async move {
             let _ = rx.await;
         }));
         *self.operator.lock().unwrap() = Some((tx, handle));
@@ -185,6 +201,41 @@ impl Env {
             let _ = api.delete(&name, &DeleteParams::default()).await;
         }
     }
+}
+
+/// deploy/'s Namespace, ServiceAccount and RBAC (the operator's and the tenants' aggregated
+/// roles), applied as `kubectl apply --server-side` would, and a client with a token of that
+/// ServiceAccount: the operator as it runs in a cluster, with nothing more than deploy/ grants.
+async fn operator_identity(admin: &Client) -> Client {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for file in ["namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "tenant-rbac.yaml"] {
+        let path = deploy.join(file);
+        let out = std::process::Command::new("kubectl")
+            .args(["apply", "--server-side", "--force-conflicts", "--field-manager", "ims-e2e", "-f"])
+            .arg(&path)
+            .output()
+            .expect("kubectl runs");
+        assert!(out.status.success(), "kubectl apply -f {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "ims-system");
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+        ..Default::default()
+    };
+    let token = accounts
+        .create_token_request("ims-operator", &PostParams::default(), &request)
+        .await
+        .expect("a token of the ims-operator ServiceAccount")
+        .status
+        .and_then(|s| s.token)
+        .expect("a TokenRequest status");
+    let mut config = kube::Config::infer().await.expect("the cluster of KUBECONFIG");
+    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    Client::try_from(config).expect("a client with the operator's token")
 }
 
 impl Drop for Env {

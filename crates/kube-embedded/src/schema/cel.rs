@@ -11,7 +11,7 @@ use kube_cel::cel::{Context, ExecutionError, IdedExpr, Program, Value as Cel};
 use serde_json::Value;
 
 use super::FPath;
-use super::errors::{FieldError, go_quote};
+use super::errors::{FieldError, FieldErrorKind, go_quote};
 use super::node::{Additional, Node};
 use super::ratchet;
 
@@ -312,14 +312,19 @@ fn cel_error_text(e: &ExecutionError) -> String {
     }
 }
 
-/// `fieldErrorForReason`.
-fn error_for_reason(path: String, ty: &str, detail: String, reason: Option<&str>) -> FieldError {
-    match reason {
-        Some("FieldValueForbidden") => FieldError::forbidden(path, detail),
-        Some("FieldValueRequired") => FieldError::required(path, detail),
-        Some("FieldValueDuplicate") => FieldError::duplicate(path, Value::String(ty.to_string())),
-        _ => FieldError::invalid(path, Value::String(ty.to_string()), detail),
-    }
+/// `fieldErrorForReason` as kube-apiserver v1.36 calls it for a failed rule: the value is the
+/// rule's `self` when it is a scalar (a string, number or boolean), and is left out of the text
+/// for an object or a list (`spec.os: Invalid value: os is required ...`).
+fn error_for_reason(path: String, value: &Value, detail: String, reason: Option<&str>) -> FieldError {
+    let shown = matches!(value, Value::String(_) | Value::Number(_) | Value::Bool(_)).then(|| value.clone());
+    let kind = match reason {
+        Some("FieldValueForbidden") => return FieldError::forbidden(path, detail),
+        Some("FieldValueRequired") => return FieldError::required(path, detail),
+        Some("FieldValueDuplicate") => FieldErrorKind::Duplicate,
+        _ => FieldErrorKind::Invalid,
+    };
+    let detail = if kind == FieldErrorKind::Duplicate { String::new() } else { detail };
+    FieldError { kind, field: path, bad_value: shown, detail }
 }
 
 /// Ratcheting state of `ratchetingOptions`: whether the current node is correlated (and if so,
@@ -514,7 +519,7 @@ impl Walker<'_, '_> {
                 }
             }
             let detail = detail.unwrap_or_else(|| rule.message_or_default());
-            let e = error_for_reason(current.to_string(), ty, detail, rule.reason.as_deref());
+            let e = error_for_reason(current.to_string(), obj, detail, rule.reason.as_deref());
             if !rule.uses_old_self && ratchet.should_ratchet() {
                 // An unchanged value keeps its error as a warning only.
                 continue;
@@ -895,8 +900,17 @@ mod tests {
 
     #[test]
     fn kinds() {
-        let e = error_for_reason("x".into(), "string", "d".into(), Some("FieldValueDuplicate"));
+        let e = error_for_reason("x".into(), &Value::from("a"), "d".into(), Some("FieldValueDuplicate"));
         assert_eq!(e.kind, FieldErrorKind::Duplicate);
-        assert_eq!(e.to_string(), "x: Duplicate value: \"string\"");
+        assert_eq!(e.to_string(), "x: Duplicate value: \"a\"");
+        // As kube-apiserver v1.36: a scalar is shown, an object or a list is not.
+        let e = error_for_reason("x".into(), &Value::from("us-east"), "d".into(), None);
+        assert_eq!(e.to_string(), "x: Invalid value: \"us-east\": d");
+        let e = error_for_reason("x".into(), &Value::from(5), "d".into(), None);
+        assert_eq!(e.to_string(), "x: Invalid value: 5: d");
+        let e = error_for_reason("x".into(), &serde_json::json!({"a": 1}), "d".into(), None);
+        assert_eq!(e.to_string(), "x: Invalid value: d");
+        let e = error_for_reason("x".into(), &serde_json::json!([1]), "d".into(), None);
+        assert_eq!(e.to_string(), "x: Invalid value: d");
     }
 }
