@@ -359,12 +359,24 @@ fn secs(d: Duration) -> String {
     if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
 }
 
-/// The URL for messages: the query string (which may hold signatures or tokens) is elided.
+/// The URL for every text a user sees (status, Events, logs): `user:password@` becomes `***@`,
+/// and the query string (which may hold signatures or tokens) and the fragment are elided.
 pub fn redact(url: &str) -> String {
     let url = url.split('#').next().unwrap_or(url);
+    let url = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (auth, tail) = rest.split_at(end);
+            match auth.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}{tail}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    };
     match url.split_once('?') {
         Some((base, _)) => format!("{base}?…"),
-        None => url.to_string(),
+        None => url,
     }
 }
 
@@ -440,7 +452,7 @@ impl Target {
 }
 
 fn parse_target(url: &str) -> Result<Target, FetchError> {
-    let bad = |reason: &str| FetchError::BadUrl { url: redact_userinfo(url), reason: reason.to_string() };
+    let bad = |reason: &str| FetchError::BadUrl { url: redact(url), reason: reason.to_string() };
     let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&format!("{e}")))?;
     let https = match uri.scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("https") => true,
@@ -495,17 +507,6 @@ fn parse_target(url: &str) -> Result<Target, FetchError> {
     let scheme = if https { "https" } else { "http" };
     let url = format!("{scheme}://{host_header}{path}");
     Ok(Target { https, host, literal, port, host_header, path, url })
-}
-
-/// Removes `user:password@` from a URL for messages.
-fn redact_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return redact(url) };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (auth, tail) = rest.split_at(end);
-    match auth.rsplit_once('@') {
-        Some((_, host)) => redact(&format!("{scheme}://***@{host}{tail}")),
-        None => redact(url),
-    }
 }
 
 /// Resolves a redirect `Location` against the URL that answered (RFC 3986 section 5.2).
@@ -603,8 +604,7 @@ async fn open_http(
         }
         redirects += 1;
         let next_url = resolve_location(&target, &location);
-        let refuse =
-            |reason: String| FetchError::BadRedirect { from: target.display(), to: redact_userinfo(&next_url), reason };
+        let refuse = |reason: String| FetchError::BadRedirect { from: target.display(), to: redact(&next_url), reason };
         let next = match scheme_of(&next_url) {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => parse_target(&next_url)
                 .map_err(|e| match e {

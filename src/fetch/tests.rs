@@ -981,3 +981,20 @@ async fn file_paths_checked() {
     let err = open("file:///a%00b", &policy).await.expect_err("NUL");
     assert!(matches!(err, FetchError::BadUrl { .. }), "{err:?}");
 }
+
+/// One redaction for every text a user sees: credentials, query strings and fragments go.
+#[test]
+fn redaction_hides_credentials_tokens_and_fragments() {
+    let cases = [
+        ("https://user:pass@host/x.img", "https://***@host/x.img"),
+        ("http://user:p%40ss@host:8080/a?sig=secret#frag", "http://***@host:8080/a?…"),
+        ("https://host/x.img?X-Amz-Signature=abc", "https://host/x.img?…"),
+        ("https://host/x.img#token", "https://host/x.img"),
+        ("https://host/path@with-at", "https://host/path@with-at"),
+        ("file:///srv/images/a.raw", "file:///srv/images/a.raw"),
+        ("not a url", "not a url"),
+    ];
+    for (url, want) in cases {
+        assert_eq!(redact(url), want, "{url}");
+    }
+}

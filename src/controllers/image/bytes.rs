@@ -393,6 +393,15 @@ mod tests {
         crate::controllers::test_image("i", uid, deleting)
     }
 
+    /// The status message and the `Importing` Event (which shows the same text) never carry a
+    /// source's credentials or signed query.
+    #[test]
+    fn what_an_import_shows_hides_the_sources_credentials() {
+        let source = serde_json::from_value(serde_json::json!({"url": {"url": "http://user:pass@host/x.img?sig=s"}}));
+        let parts = parts(&source.unwrap()).unwrap();
+        assert_eq!(saving_message(&parts), "importing http://***@host/x.img?…");
+    }
+
     #[test]
     fn only_a_deleting_or_replaced_image_counts_as_deleted_not_one_the_cache_has_not_seen() {
         let (store, mut writer) = reflector::store::<Image>();
