@@ -180,8 +180,8 @@ async fn serve(books: Arc<Books>, namespace: String, mut queue: mpsc::UnboundedR
                 if let (Ok(answer), Request::Admit(a)) = (&answer, &p.request) {
                     let what = match answer {
                         Answer::OverQuota(_) | Answer::InLine(_) => Some(Wait::Place),
-                        Answer::NoImportSlot => Some(Wait::Import),
-                        Answer::NoCrossRegionSlot => Some(Wait::CrossRegion),
+                        Answer::NoImportSlot { .. } => Some(Wait::Import),
+                        Answer::NoCrossRegionSlot { .. } => Some(Wait::CrossRegion),
                         _ => None,
                     };
                     if let Some(what) = what {
@@ -405,10 +405,10 @@ mod tests {
         });
         let answers: Vec<Answer> = futures::future::join_all(asks).await.into_iter().rev().collect();
         let started = answers.iter().filter(|a| **a == Answer::Started).count();
-        let slotless = answers.iter().filter(|a| **a == Answer::NoImportSlot).count();
+        let slotless = answers.iter().filter(|a| matches!(a, Answer::NoImportSlot { .. })).count();
         assert_eq!((started, slotless), (10, 40), "{answers:?}");
         assert!(
-            answers[..50].iter().all(|a| matches!(a, Answer::Started | Answer::NoImportSlot)),
+            answers[..50].iter().all(|a| matches!(a, Answer::Started | Answer::NoImportSlot { .. })),
             "the 50 oldest are admitted"
         );
         assert!(answers[50..].iter().all(|a| matches!(a, Answer::OverQuota(m) if m.contains("50/50"))));

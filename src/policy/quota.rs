@@ -119,10 +119,16 @@ pub enum Answer {
     OverQuota(String),
     /// Room, but older images of the namespace wait for it first (a burst): the message says so.
     InLine(String),
-    /// Admitted, but all `concurrentImports` slots are taken.
-    NoImportSlot,
-    /// Admitted, but all `concurrentCrossRegionCopies` slots are taken.
-    NoCrossRegionSlot,
+    /// Admitted, but all `concurrentImports` slots (`limit` of them; maybe none) are taken.
+    NoImportSlot {
+        /// The namespace's `concurrentImports`.
+        limit: i64,
+    },
+    /// Admitted, but all `concurrentCrossRegionCopies` slots (`limit`; maybe none) are taken.
+    NoCrossRegionSlot {
+        /// The namespace's `concurrentCrossRegionCopies`.
+        limit: i64,
+    },
     /// The import's end is recorded; `Some(why)` when its bytes would take the region over
     /// `imageBytesPerRegion` (0 bytes are recorded: the caller removes them and fails the image).
     Finished(Option<String>),
@@ -283,9 +289,9 @@ pub fn settle(
         answers[n] = if mine.importing {
             Answer::Started
         } else if applicant.cross_region && tally.cross_region >= hard.concurrent_cross_region_copies {
-            Answer::NoCrossRegionSlot
+            Answer::NoCrossRegionSlot { limit: hard.concurrent_cross_region_copies }
         } else if tally.importing >= hard.concurrent_imports {
-            Answer::NoImportSlot
+            Answer::NoImportSlot { limit: hard.concurrent_imports }
         } else {
             mine.importing = true;
             mine.cross_region = applicant.cross_region;
@@ -462,7 +468,7 @@ mod tests {
         let answers = settle(&mut status, &hard(2, 1, 5), "t", &requests, &[in_line(&c)]);
         // a's place and import slot went to the oldest applicant that already held a place.
         assert_eq!(answers[2], Answer::Started);
-        assert_eq!(answers[0], Answer::NoImportSlot, "admitted to the region, waiting for a slot");
+        assert_eq!(answers[0], Answer::NoImportSlot { limit: 1 }, "admitted to the region, waiting for a slot");
         assert_eq!(answers[1], Answer::Done);
         assert_eq!(names(&status), ["b", "c"]);
         // Asking again while holding the slot keeps it.
@@ -494,7 +500,7 @@ mod tests {
             Request::Admit(applicant("c", 3, false)),
         ];
         let answers = settle(&mut status, &hard(5, 40, 1), "t", &requests, &[]);
-        assert_eq!(answers, [Answer::Started, Answer::NoCrossRegionSlot, Answer::Started]);
+        assert_eq!(answers, [Answer::Started, Answer::NoCrossRegionSlot { limit: 1 }, Answer::Started]);
         let room = room(&status, &hard(5, 40, 1));
         assert_eq!((room.in_region("eu"), room.in_region("us"), room.imports, room.cross_region), (2, 5, 38, 0));
     }
@@ -558,6 +564,6 @@ mod tests {
         assert_eq!(answers, one_by_one);
         assert_eq!(batched, single);
         assert_eq!(answers.iter().filter(|a| **a == Answer::Started).count(), 3);
-        assert_eq!(answers.iter().filter(|a| **a == Answer::NoImportSlot).count(), 4);
+        assert_eq!(answers.iter().filter(|a| **a == Answer::NoImportSlot { limit: 3 }).count(), 4);
     }
 }

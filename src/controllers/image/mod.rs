@@ -287,23 +287,35 @@ fn waiting(answer: Answer, namespace: &str) -> Option<Shown> {
         Answer::OverQuota(message) => (Reason::QuotaExceeded, message, LEDGER_RECHECK),
         // Behind older images in line (a burst): those may also end without asking the ledger.
         Answer::InLine(message) => (Reason::QuotaExceeded, message, WAITING_RECHECK),
-        Answer::NoCrossRegionSlot => (
+        Answer::NoCrossRegionSlot { limit } => (
             Reason::Queued,
-            format!(
-                "waiting for a cross-region copy slot: namespace {namespace} has as many cross-region copies in flight as concurrentCrossRegionCopies allows; it starts when one finishes"
-            ),
+            slot_message(namespace, "cross-region copies", "concurrentCrossRegionCopies", limit),
             LEDGER_RECHECK,
         ),
+        Answer::NoImportSlot { limit } => {
+            (Reason::Queued, slot_message(namespace, "imports", "concurrentImports", limit), LEDGER_RECHECK)
+        }
         // (Finished and Done answer other requests.)
-        Answer::NoImportSlot | Answer::Finished(_) | Answer::Done => (
+        Answer::Finished(_) | Answer::Done => (
             Reason::Queued,
-            format!(
-                "waiting for an import slot: namespace {namespace} has as many imports in flight as concurrentImports allows; it starts when one finishes"
-            ),
-            LEDGER_RECHECK,
+            format!("waiting for the quota ledger of namespace {namespace}: it is re-checked shortly"),
+            WAITING_RECHECK,
         ),
     };
     Some(Shown { phase: ImagePhase::Queued, reason, message, then: Action::requeue(recheck) })
+}
+
+/// What an image waiting for a slot shows: when the limit is 0 nothing can end the wait but
+/// raising it, and the message says so.
+fn slot_message(namespace: &str, what: &str, field: &str, limit: i64) -> String {
+    if limit <= 0 {
+        return format!(
+            "no {what} may run in namespace {namespace}: {field} is {limit}; raise it in ImageQuota default (spec.{field}) and the image starts"
+        );
+    }
+    format!(
+        "waiting for a slot: namespace {namespace} has {limit} {what} in flight, as many as {field} allows; it starts when one finishes"
+    )
 }
 
 /// Admits the image (a place in its region and an import slot), shows it Saving, moves its
@@ -406,6 +418,25 @@ mod tests {
         api::Region,
         store::{RegionStore, StoreConfig},
     };
+
+    /// A wait for a slot says what ends it; with a limit of 0 nothing in flight will, and the
+    /// message says to raise the limit instead of "when one finishes".
+    #[test]
+    fn a_slot_wait_says_what_ends_it() {
+        let message = |answer| match waiting(answer, "t") {
+            Some(Shown { reason, message, .. }) => (reason, message),
+            None => panic!("admitted"),
+        };
+        let (reason, none) = message(Answer::NoImportSlot { limit: 0 });
+        assert_eq!(reason, Reason::Queued);
+        assert!(none.contains("concurrentImports is 0") && none.contains("raise it"), "{none}");
+        assert!(!none.contains("when one finishes"), "{none}");
+        let (_, some) = message(Answer::NoImportSlot { limit: 3 });
+        assert!(some.contains("3 imports in flight") && some.contains("when one finishes"), "{some}");
+        let (_, copies) = message(Answer::NoCrossRegionSlot { limit: 0 });
+        assert!(copies.contains("concurrentCrossRegionCopies is 0"), "{copies}");
+        assert!(waiting(Answer::Started, "t").is_none());
+    }
 
     /// An operator that just started (or took over the lease) has not probed the region yet:
     /// deleting an image then still removes its bytes.
