@@ -179,6 +179,13 @@ scenarios! {
         let status = refused.status.unwrap();
         assert_eq!(status.phase, Some(ImagePhase::Failed));
         assert!(status.message.unwrap().contains("EncryptedImage"));
+        // A copy of itself would wait for itself forever: refused at once.
+        let mut selfish = image("selfish", &b, &url, json!({}));
+        selfish["spec"]["source"] = json!({"copy": {"name": "selfish"}});
+        apply(&images, selfish).await;
+        let refused = env.wait_for(&images, "selfish", reason_is("InvalidSpec")).await.unwrap().status.unwrap();
+        assert_eq!(refused.phase, Some(ImagePhase::Failed));
+        assert!(refused.message.unwrap().contains("itself"));
     }
 
     async fn six_cross_region_copies_run_five_at_a_time_and_a_cancel_leaves_nothing(env: &Env) {

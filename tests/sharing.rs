@@ -240,6 +240,15 @@ scenarios! {
         assert_eq!((real.phase, fake.phase), (fake.phase, Some(ImagePhase::Unavailable)));
         assert_eq!(real.message.unwrap().replace("/real ", "/NAME "), fake.message.unwrap().replace("/fake ", "/NAME "), "the same answer");
         assert!(real.size_bytes.is_none() && real.location.is_none() && real.source.is_none(), "nothing about the image leaks");
+        // In its own namespace the tenant is told what is wrong, not to ask for a share: a
+        // reference to itself, and one to a reference (references never chain).
+        apply(&mine, reference("loop", &r, &stranger, "loop")).await;
+        apply(&mine, reference("chain", &r, &stranger, "to-real")).await;
+        for name in ["loop", "chain"] {
+            let status = env.wait_for(&mine, name, reason_is("InvalidSpec")).await.unwrap().status.unwrap();
+            assert_eq!(status.phase, Some(ImagePhase::Failed), "{name}");
+            assert!(!status.message.unwrap().contains("ImageShare"), "{name}: impossible advice");
+        }
     }
 
     async fn one_image_shared_with_128_tenants_then_revoked_and_the_129th_refused(env: &Env) {

@@ -22,6 +22,8 @@ pub enum Refusal {
         /// The limit (policy `maxCrossRegionCopyGiB`).
         max_gib: i64,
     },
+    /// An image whose `source.copy` names itself (it would wait for itself forever).
+    SelfCopy,
     /// A FullServer image is copied to another region only.
     FullServerWithinRegion {
         /// The source's region.
@@ -42,6 +44,7 @@ impl Refusal {
             Refusal::Encrypted { .. } => Reason::EncryptedImage,
             Refusal::TooLarge { .. } => Reason::TooLarge,
             Refusal::FullServerWithinRegion { .. } => Reason::FullServerNotCopyable,
+            Refusal::SelfCopy => Reason::InvalidSpec,
         }
     }
 
@@ -51,7 +54,9 @@ impl Refusal {
         match self {
             Refusal::SourceNotActive => Reason::SourceNotActive,
             Refusal::TooLarge { .. } => Reason::TooLarge,
-            Refusal::Encrypted { .. } | Refusal::FullServerWithinRegion { .. } => Reason::InvalidSpec,
+            Refusal::Encrypted { .. } | Refusal::FullServerWithinRegion { .. } | Refusal::SelfCopy => {
+                Reason::InvalidSpec
+            }
         }
     }
 
@@ -64,6 +69,9 @@ impl Refusal {
             ),
             Refusal::TooLarge { size, max_gib } => format!(
                 "Image {source} has {size} bytes: more than the {max_gib} GiB a cross-region copy may move (policy maxCrossRegionCopyGiB)"
+            ),
+            Refusal::SelfCopy => format!(
+                "source.copy names this image ({source}) itself: it would wait for itself forever; name another Image of the namespace"
             ),
             Refusal::FullServerWithinRegion { region } => format!(
                 "Image {source} is a FullServer image (FullServerNotCopyable): it cannot be copied within region {region}; copy it to another region"
@@ -164,5 +172,7 @@ mod tests {
         assert!(m.contains("maxCrossRegionCopyGiB"), "{m}");
         assert!(Refusal::FullServerWithinRegion { region: "a".into() }.message("s").contains("another region"));
         assert!(Refusal::SourceNotActive.waits() && !Refusal::TooLarge { size: 1, max_gib: 0 }.waits());
+        assert!(!Refusal::SelfCopy.waits() && Refusal::SelfCopy.message("me").contains("itself"));
+        assert_eq!(Refusal::SelfCopy.image_reason(), Reason::InvalidSpec);
     }
 }

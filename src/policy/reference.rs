@@ -29,6 +29,23 @@ pub fn decide<'a>(image: &Image, target: &ImageReference, source: Option<&'a Ima
     let source_name = format!("{}/{}", target.namespace, target.name);
     let bound = old.source.as_ref().map(|s| s.uid.as_str());
     let was = ready_reason(&old.conditions);
+    // What the tenant may always be told: about its own namespace.
+    if target.namespace == tenant && target.name == image.name_any() {
+        return Outcome::Waiting(
+            ImagePhase::Failed,
+            Reason::InvalidSpec,
+            "source.image names this image itself: a reference points at another image (a shared, Public or Marketplace one); correct spec.source.image".into(),
+        );
+    }
+    if target.namespace == tenant && source.is_some_and(|s| s.spec.source.image.is_some()) {
+        return Outcome::Waiting(
+            ImagePhase::Failed,
+            Reason::InvalidSpec,
+            format!(
+                "Image {source_name} is itself a reference: references are never re-shared or chained; point spec.source.image at the image it refers to"
+            ),
+        );
+    }
     let not_shared = || {
         Outcome::Waiting(
             ImagePhase::Unavailable,
@@ -132,15 +149,24 @@ mod tests {
 
     #[test]
     fn every_outcome_of_the_contract() {
-        let target = ImageReference { namespace: "owner".into(), name: "i".into() };
         let active = image("owner", "u1", "r1", json!({}), json!({"phase": "Active"}));
         let saving = image("owner", "u1", "r1", json!({}), json!({"phase": "Saving"}));
         let elsewhere = image("owner", "u1", "r2", json!({}), json!({"phase": "Active"}));
         let recreated = image("owner", "u2", "r1", json!({}), json!({"phase": "Active"}));
+        let self_reference = || {
+            let spec = json!({"source": {"image": {"namespace": "tenant", "name": "i"}}});
+            image("tenant", "ref", "r1", spec, json!({}))
+        };
+        let chained = || {
+            let spec = json!({"source": {"image": {"namespace": "tenant", "name": "other"}}});
+            image("tenant", "ref", "r1", spec, json!({}))
+        };
+        let spec = json!({"source": {"image": {"namespace": "owner", "name": "i"}}});
+        let same_namespace_reference = image("tenant", "u3", "r1", spec, json!({"phase": "Active"}));
         use ImagePhase::{Active, Failed, Queued, Unavailable};
         // (reference, its source, granted, what it shows)
         type Case<'a> = (Image, Option<&'a Image>, bool, (ImagePhase, Option<Reason>));
-        let cases: [Case; 10] = [
+        let cases: [Case; 12] = [
             (reference(None, None), Some(&active), true, (Active, None)),
             // No oracle: never granted, missing and not shared look the same.
             (reference(None, None), None, false, (Unavailable, Some(Reason::NotShared))),
@@ -153,8 +179,12 @@ mod tests {
             (reference(None, None), Some(&elsewhere), true, (Failed, Some(Reason::RegionMismatch))),
             (reference(None, None), Some(&saving), true, (Queued, Some(Reason::SourceNotActive))),
             (reference(Some("u1"), None), Some(&saving), true, (Unavailable, Some(Reason::SourceNotActive))),
+            // Its own namespace it may be told about: a reference to itself, or to a reference.
+            (self_reference(), None, false, (Failed, Some(Reason::InvalidSpec))),
+            (chained(), Some(&same_namespace_reference), true, (Failed, Some(Reason::InvalidSpec))),
         ];
         for (i, (image, source, granted, want)) in cases.into_iter().enumerate() {
+            let target = image.spec.source.image.clone().unwrap();
             assert_eq!(outcome(decide(&image, &target, source, granted)), want, "case {i}");
         }
     }

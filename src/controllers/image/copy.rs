@@ -61,6 +61,11 @@ impl Plan {
 /// Checks the copy rules and finds the bytes for `image`, whose `source.copy` names `source`.
 pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal> {
     let namespace = image.namespace().unwrap_or_default();
+    if source == image.name_any() {
+        // It could never become Active: it would wait for itself.
+        let refused = policy::copy::Refusal::SelfCopy;
+        return Err((ImagePhase::Failed, refused.image_reason(), refused.message(source)));
+    }
     let waiting = || {
         (
             ImagePhase::Queued,
