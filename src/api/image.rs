@@ -197,6 +197,7 @@ pub struct ImageSource {
     /// Reference an image shared with this namespace, a public or a marketplace image. No bytes
     /// are copied and no quota is used; this is how a tenant accepts a share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("source.image is immutable: a reference stays bound to the image it names; create another reference for another image"))]
     pub image: Option<ImageReference>,
     /// Copy the bytes of another image of this namespace (written by ImageCopy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
