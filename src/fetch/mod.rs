@@ -866,27 +866,34 @@ pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFil
         let path = path.to_path_buf();
         move |source| FetchError::FileOpen { path, source }
     };
+    // The roots as configured and as resolved (a root may itself be a symbolic link).
+    let mut roots = Vec::with_capacity(policy.file_roots.len() * 2);
+    for root in &policy.file_roots {
+        roots.push(root.clone());
+        if let Ok(resolved) = tokio::fs::canonicalize(root).await {
+            roots.push(resolved);
+        }
+    }
+    let outside = |reason: &str| {
+        let allowed: Vec<String> = policy.file_roots.iter().map(|r| r.display().to_string()).collect();
+        refuse(
+            &path,
+            &format!(
+                "{reason} any directory the operator allows file imports from ({}); place the image there or ask the operator to allow its directory",
+                allowed.join(", ")
+            ),
+        )
+    };
+    // A path outside every root is refused before anything touches it: whether it exists, and
+    // what it is, are nobody's business.
+    if !roots.is_empty() && !roots.iter().any(|r| path.starts_with(r)) {
+        return Err(outside("it is not under"));
+    }
     let canonical = tokio::fs::canonicalize(&path).await.map_err(open_err(&path))?;
-    if !policy.file_roots.is_empty() {
-        let mut inside = false;
-        for root in &policy.file_roots {
-            let root = tokio::fs::canonicalize(root).await.unwrap_or_else(|_| root.clone());
-            if canonical.starts_with(&root) {
-                inside = true;
-                break;
-            }
-        }
-        if !inside {
-            let roots: Vec<String> = policy.file_roots.iter().map(|r| r.display().to_string()).collect();
-            return Err(refuse(
-                &canonical,
-                &format!(
-                    "it is not under any directory the operator allows file imports from ({}); \
-                     place the image there or ask the operator to allow its directory",
-                    roots.join(", ")
-                ),
-            ));
-        }
+    // A symbolic link that leads out of the roots: refused, naming the path given, not where
+    // the link leads.
+    if !roots.is_empty() && !roots.iter().any(|r| canonical.starts_with(r)) {
+        return Err(outside("it leads (through a symbolic link) outside"));
     }
     // Checked before opening, so a FIFO or device is never opened (opening a FIFO blocks).
     let meta = tokio::fs::metadata(&canonical).await.map_err(open_err(&canonical))?;

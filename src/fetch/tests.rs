@@ -965,7 +965,19 @@ async fn file_paths_checked() {
         std::os::unix::fs::symlink(outside.join("secret.img"), &link).expect("symlink");
         let err = open(&file_url(&link), &policy).await.expect_err("symlink out of root");
         assert!(matches!(err, FetchError::FileRefused { .. }), "{err:?}");
+        assert!(!err.to_string().contains("secret.img"), "names where the link leads: {err}");
+        assert!(err.to_string().contains("link.img"), "{err}");
     }
+
+    // No filesystem oracle: outside the roots, a file that exists and one that does not get the
+    // same answer, and neither is touched.
+    let exists = open(&file_url(&outside.join("secret.img")), &policy).await.expect_err("outside");
+    let missing = open(&file_url(&outside.join("nothing.img")), &policy).await.expect_err("outside");
+    assert_eq!(exists.to_string().replace("secret.img", "X"), missing.to_string().replace("nothing.img", "X"));
+    let denied = open("file:///etc/shadow", &policy).await.expect_err("outside");
+    let absent = open("file:///etc/doesnotexist", &policy).await.expect_err("outside");
+    assert_eq!(denied.to_string().replace("shadow", "X"), absent.to_string().replace("doesnotexist", "X"));
+    assert!(matches!(absent, FetchError::FileRefused { .. }), "{absent:?}");
 
     let err = open(&file_url(&root), &policy).await.expect_err("directory");
     assert!(err.to_string().contains("not a regular file"), "{err}");
