@@ -65,8 +65,12 @@ pub fn finished(copy: &ImageCopy) -> bool {
     matches!(copy.status.as_ref().and_then(|s| s.phase), Some(CopyPhase::Succeeded | CopyPhase::Failed))
 }
 
+/// Whether `image` is the destination `copy` made: its labels name the copy's uid, and it copies
+/// the copy's source (so its bytes are the source's, verified by the Image controller). Labels
+/// alone are not trusted: anyone may write them on an Image that imports other bytes.
 fn is_mine(image: &Image, copy: &ImageCopy) -> bool {
     image.labels().get(COPY_UID_LABEL) == copy.metadata.uid.as_ref()
+        && image.spec.source.copy.as_ref().is_some_and(|c| c.name == copy.spec.source)
 }
 
 /// The status for a phase: Ready True only when Succeeded, Reconciling while Pending/Copying,
@@ -425,6 +429,24 @@ mod tests {
         let namesake = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "dst"},
             "spec": {"region": "b", "type": "DataDisk", "source": {"url": {"url": "https://example.com/e.raw"}}}});
         images.create(&PostParams::default(), &serde_json::from_value(namesake).unwrap()).await.unwrap();
+        apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
+        assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Failed), "DestinationExists".into()));
+    }
+
+    /// A destination forged by hand with the copy's labels, importing other bytes, is not taken
+    /// for the copy's own (it would be reported "verified"): the copy fails DestinationExists.
+    #[tokio::test]
+    async fn a_forged_destination_with_the_copys_labels_is_not_its_own() {
+        let (client, copies, images, copy) = setup().await;
+        let forged = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image",
+            "metadata": {"name": "dst", "labels": {(COPY_UID_LABEL): copy.uid().unwrap(), (COPY_NAME_LABEL): "c"}},
+            "spec": {"region": "b", "type": "DataDisk", "source": {"url": {"url": "https://example.com/other.raw"}}},
+            "status": {"phase": "Active"}});
+        let forged: Image =
+            images.create(&PostParams::default(), &serde_json::from_value(forged).unwrap()).await.unwrap();
+        assert!(!is_mine(&forged, &copy));
+        let (ctx, mut caches) = Context::for_test(client);
+        caches.images.apply_watcher_event(&kube::runtime::watcher::Event::Apply(forged));
         apply(Arc::new(copies.get("c").await.unwrap()), &ctx).await.unwrap();
         assert_eq!(ready(&copies.get("c").await.unwrap()), (Some(CopyPhase::Failed), "DestinationExists".into()));
     }
