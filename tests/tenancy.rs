@@ -7,11 +7,7 @@
 mod support;
 
 use ims_operator::api::{CopyPhase, Image, ImageCopy, ImagePhase, ImageShare};
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::ServiceAccount,
-    rbac::v1::RoleBinding,
-};
+use k8s_openapi::api::{core::v1::ServiceAccount, rbac::v1::RoleBinding};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -30,20 +26,7 @@ async fn tenant(env: &Env, namespace: &str) -> Client {
         "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": namespace}]}))
     .unwrap();
     bindings.create(&PostParams::default(), &binding).await.expect("bind edit");
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
-        ..Default::default()
-    };
-    let token = accounts
-        .create_token_request("tenant", &PostParams::default(), &request)
-        .await
-        .expect("a tenant token")
-        .status
-        .and_then(|s| s.token)
-        .expect("token status");
-    let mut config = kube::Config::infer().await.expect("KUBECONFIG");
-    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
-    Client::try_from(config).expect("a tenant client")
+    support::token_client(&env.client, namespace, "tenant").await
 }
 
 fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {

@@ -154,12 +154,6 @@ impl From<Reason> for String {
     }
 }
 
-impl PartialEq<Reason> for str {
-    fn eq(&self, reason: &Reason) -> bool {
-        self == reason.as_str()
-    }
-}
-
 impl PartialEq<Reason> for String {
     fn eq(&self, reason: &Reason) -> bool {
         self == reason.as_str()
@@ -281,8 +275,7 @@ mod tests {
         assert_eq!(Reason::FullServerNotCopyable.to_string(), "FullServerNotCopyable");
         let names: std::collections::BTreeSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Reason::ALL.len());
-        assert!(*"Active" == Reason::Active && *"Queued" != Reason::Active);
-        assert!(String::from("Queued").eq(&Reason::Queued));
+        assert!(String::from("Queued") == Reason::Queued && String::from("Queued") != Reason::Active);
     }
 
     #[test]

@@ -204,38 +204,51 @@ impl Env {
 }
 
 /// deploy/'s Namespace, ServiceAccount and RBAC (the operator's and the tenants' aggregated
-/// roles), applied as `kubectl apply --server-side` would, and a client with a token of that
-/// ServiceAccount: the operator as it runs in a cluster, with nothing more than deploy/ grants.
+/// roles), applied as `kubectl apply --server-side` would (once per test binary), and a client
+/// with a token of that ServiceAccount: the operator as it runs in a cluster, with nothing more
+/// than deploy/ grants.
 async fn operator_identity(admin: &Client) -> Client {
+    static DEPLOYED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DEPLOYED
+        .get_or_init(|| async {
+            let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+            for file in ["namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "tenant-rbac.yaml"] {
+                let path = deploy.join(file);
+                let out = std::process::Command::new("kubectl")
+                    .args(["apply", "--server-side", "--force-conflicts", "--field-manager", "ims-e2e", "-f"])
+                    .arg(&path)
+                    .output()
+                    .expect("kubectl runs");
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "kubectl apply -f {}: {stderr}", path.display());
+            }
+        })
+        .await;
+    token_client(admin, "ims-system", "ims-operator").await
+}
+
+/// A client of the cluster of KUBECONFIG acting as ServiceAccount `namespace/account`, with a
+/// token from the TokenRequest API (an hour).
+pub async fn token_client(admin: &Client, namespace: &str, account: &str) -> Client {
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::ServiceAccount,
     };
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    for file in ["namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "tenant-rbac.yaml"] {
-        let path = deploy.join(file);
-        let out = std::process::Command::new("kubectl")
-            .args(["apply", "--server-side", "--force-conflicts", "--field-manager", "ims-e2e", "-f"])
-            .arg(&path)
-            .output()
-            .expect("kubectl runs");
-        assert!(out.status.success(), "kubectl apply -f {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "ims-system");
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let request = TokenRequest {
         spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
         ..Default::default()
     };
     let token = accounts
-        .create_token_request("ims-operator", &PostParams::default(), &request)
+        .create_token_request(account, &PostParams::default(), &request)
         .await
-        .expect("a token of the ims-operator ServiceAccount")
+        .unwrap_or_else(|e| panic!("a token of ServiceAccount {namespace}/{account}: {e}"))
         .status
         .and_then(|s| s.token)
-        .expect("a TokenRequest status");
+        .expect("a TokenRequest status with a token");
     let mut config = kube::Config::infer().await.expect("the cluster of KUBECONFIG");
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
-    Client::try_from(config).expect("a client with the operator's token")
+    Client::try_from(config).expect("a client with the token")
 }
 
 impl Drop for Env {
