@@ -105,11 +105,15 @@ scenarios! {
         qemu_img(&["create", "-f", "qcow2", qcow2.to_str().unwrap(), "64M"]);
         let bytes = std::fs::read(&qcow2).unwrap();
         std::fs::write(files.path().join("truncated.qcow2"), &bytes[..40]).unwrap();
+        std::fs::write(files.path().join("installer.iso"), ims_operator::format::sample::iso(64, true)).unwrap();
         let addr = support::serve_files(files.path().to_path_buf()).await;
         region(env, &region_name).await;
         env.start_operator();
         let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
         let cases = [
+            // The type must fit the bytes: an ISO holds an ISO 9660 medium, a disk type a disk.
+            ("iso-of-qcow2", format!("http://{addr}/full.qcow2"), json!({"type": "ISO"}), "UnsupportedFormat"),
+            ("disk-of-iso", format!("http://{addr}/installer.iso"), json!({"type": "DataDisk"}), "UnsupportedFormat"),
             ("mismatch", format!("http://{addr}/data.raw"), json!({"checksum": format!("sha256:{}", "0".repeat(64))}), "ChecksumMismatch"),
             ("truncated", format!("http://{addr}/truncated.qcow2"), json!({}), "UnsupportedFormat"),
             ("declared", format!("http://{addr}/data.raw"), json!({"format": "Qcow2"}), "UnsupportedFormat"),
@@ -120,10 +124,13 @@ scenarios! {
             ("loopback6", format!("http://[::1]:{}/data.raw", addr.port()), json!({}), "SourceUnreachable"),
             ("mapped", "http://[::ffff:169.254.169.254]/latest".to_string(), json!({}), "SourceUnreachable"),
         ];
-        for (name, url, url_extra, _) in &cases {
+        for (name, url, extra, _) in &cases {
             let mut manifest = image(name, &region_name, url, json!({}));
-            for (k, v) in url_extra.as_object().unwrap() {
-                manifest["spec"]["source"]["url"][k] = v.clone();
+            for (k, v) in extra.as_object().unwrap() {
+                match k.as_str() {
+                    "type" => manifest["spec"][k] = v.clone(),
+                    _ => manifest["spec"]["source"]["url"][k] = v.clone(),
+                }
             }
             images.patch(name, &PatchParams::apply("test"), &Patch::Apply(manifest)).await.unwrap();
         }
@@ -134,6 +141,14 @@ scenarios! {
             assert!(status.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"), "{name} is Stalled");
             assert!(status.location.is_none());
         }
+        let message = |name: &'static str| {
+            let images = images.clone();
+            async move { images.get(name).await.unwrap().status.unwrap().message.unwrap() }
+        };
+        let iso = message("iso-of-qcow2").await;
+        assert!(iso.contains("type ISO needs an ISO 9660 image") && iso.contains("Qcow2"), "{iso}");
+        let disk = message("disk-of-iso").await;
+        assert!(disk.contains("type DataDisk needs a disk image") && disk.contains("set type to ISO"), "{disk}");
         let metadata = images.get("metadata").await.unwrap().status.unwrap().message.unwrap();
         assert!(metadata.contains("link-local") && metadata.contains("--import-allow-cidrs"), "{metadata}");
         for name in ["loopback6", "mapped"] {

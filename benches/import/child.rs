@@ -172,7 +172,8 @@ pub fn child_import(url: &str, store_dir: &str) {
     child(async {
         let store = file_store(store_dir, "bench");
         let object = store.image_prefix("bench", "image", "uid").join("disk");
-        let request = Request { url, checksum: None, declared: DeclaredFormat::Auto, limit: u64::MAX };
+        let request =
+            Request { url, checksum: None, declared: DeclaredFormat::Auto, limit: u64::MAX, image_type: None };
         let mut report = |_: u64, _: Option<u64>| {};
         let meter = Meter::start();
         let progress = Progress { every: Duration::from_secs(10), report: &mut report };

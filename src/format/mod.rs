@@ -19,6 +19,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 mod iso;
 mod qcow2;
+pub mod sample;
 mod vdi;
 mod vhdx;
 mod vmdk;

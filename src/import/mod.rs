@@ -17,7 +17,7 @@ use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
 use crate::{
-    api::{DeclaredFormat, conditions::Reason},
+    api::{DeclaredFormat, ImageType, conditions::Reason},
     fetch::{self, FetchError, FetchPolicy},
     format::{self, Detected, Format, FormatError, ReadAt},
     store::RegionStore,
@@ -148,6 +148,9 @@ pub struct Request<'a> {
     pub declared: DeclaredFormat,
     /// Largest size accepted, in bytes.
     pub limit: u64,
+    /// The image's `spec.type`, which the bytes must fit (an ISO holds an ISO 9660 image, a
+    /// disk type a disk); `None` checks nothing.
+    pub image_type: Option<ImageType>,
 }
 
 /// Imports `request.url` into `object` of `store`.
@@ -160,11 +163,11 @@ pub async fn import(
 ) -> Result<Imported, ImportError> {
     let result = stream_into(store, object, request, fetch_policy, progress).await;
     let result = match result {
-        Ok((size, sha256)) => verify_format(store, object, size, request.declared).await.map(|detected| Imported {
-            object: object.clone(),
-            size,
-            sha256,
-            detected,
+        Ok((size, sha256)) => verify_format(store, object, size, request.declared).await.and_then(|detected| {
+            match request.image_type.and_then(|t| crate::policy::image::contents_mismatch(t, detected.format)) {
+                Some(message) => Err(ImportError::UnsupportedFormat(message)),
+                None => Ok(Imported { object: object.clone(), size, sha256, detected }),
+            }
         }),
         Err(e) => Err(e),
     };

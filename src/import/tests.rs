@@ -53,7 +53,7 @@ impl Fixture {
         let result = import(
             &self.store,
             &object,
-            Request { url: &url, checksum, declared, limit },
+            Request { url: &url, checksum, declared, limit, image_type: None },
             &self.policy(),
             Progress { every: Duration::from_secs(3600), report: &mut report },
         )
@@ -162,7 +162,13 @@ async fn a_multi_part_import_hashes_both_digests_and_reports_progress() {
         let imported = import(
             store,
             &object,
-            Request { url: &url, checksum: Some(&checksum), declared: DeclaredFormat::Raw, limit: 1 << 30 },
+            Request {
+                url: &url,
+                checksum: Some(&checksum),
+                declared: DeclaredFormat::Raw,
+                limit: 1 << 30,
+                image_type: None,
+            },
             &f.policy(),
             Progress { every: Duration::ZERO, report: &mut report },
         )
@@ -199,7 +205,7 @@ async fn the_import_future_is_send() {
     let future = import(
         &f.store,
         &object,
-        Request { url: "file:///nowhere", checksum: None, declared: DeclaredFormat::Auto, limit: 1 },
+        Request { url: "file:///nowhere", checksum: None, declared: DeclaredFormat::Auto, limit: 1, image_type: None },
         &policy,
         Progress { every: Duration::ZERO, report: &mut report },
     );

@@ -2,9 +2,12 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::{
-    ImagePhase, ImageStatus,
-    conditions::{Progressing, Reason, conditions, kstatus},
+use crate::{
+    api::{
+        ImagePhase, ImageStatus, ImageType,
+        conditions::{Progressing, Reason, conditions, kstatus},
+    },
+    format::Format,
 };
 
 /// What an Active image says.
@@ -38,6 +41,33 @@ pub fn with_phase(
 /// Whether `visibility: Public` is allowed in `namespace`.
 pub fn visibility_allowed(visibility: crate::api::Visibility, namespace: &str, public_namespace: &str) -> bool {
     visibility != crate::api::Visibility::Public || namespace == public_namespace
+}
+
+/// Why bytes of `format` cannot be an image of `image_type`, saying what to change: an ISO
+/// image holds an ISO 9660 medium, every other type (each FullServer disk too) a disk.
+pub fn contents_mismatch(image_type: ImageType, format: Format) -> Option<String> {
+    match (image_type, format) {
+        (ImageType::Iso, Format::Iso) => None,
+        (ImageType::Iso, other) => Some(format!(
+            "type ISO needs an ISO 9660 image, but the bytes are a {} disk: set type to SystemDisk or DataDisk, or fix the URL",
+            other.as_api_str()
+        )),
+        (disk, Format::Iso) => Some(format!(
+            "type {} needs a disk image, but the bytes are an ISO 9660 image: set type to ISO, or fix the URL",
+            type_name(disk)
+        )),
+        _ => None,
+    }
+}
+
+/// The API spelling of an image type.
+pub fn type_name(image_type: ImageType) -> &'static str {
+    match image_type {
+        ImageType::SystemDisk => "SystemDisk",
+        ImageType::DataDisk => "DataDisk",
+        ImageType::FullServer => "FullServer",
+        ImageType::Iso => "ISO",
+    }
 }
 
 /// Percent of `done` over `total`, 0..=100.
@@ -76,6 +106,23 @@ mod tests {
         assert!(!visibility_allowed(Visibility::Public, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Marketplace, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Private, "tenant-a", "ims-public"));
+    }
+
+    /// An ISO image holds ISO 9660 bytes and nothing else; a disk type holds anything but.
+    #[test]
+    fn the_type_must_fit_the_bytes() {
+        for format in Format::ALL {
+            let iso = contents_mismatch(ImageType::Iso, format);
+            assert_eq!(iso.is_none(), format == Format::Iso, "ISO with {format:?}");
+            for disk in [ImageType::SystemDisk, ImageType::DataDisk, ImageType::FullServer] {
+                let refused = contents_mismatch(disk, format);
+                assert_eq!(refused.is_some(), format == Format::Iso, "{disk:?} with {format:?}");
+            }
+        }
+        let iso = contents_mismatch(ImageType::Iso, Format::Qcow2).unwrap();
+        assert!(iso.contains("Qcow2") && iso.contains("set type to SystemDisk or DataDisk"), "{iso}");
+        let disk = contents_mismatch(ImageType::SystemDisk, Format::Iso).unwrap();
+        assert!(disk.starts_with("type SystemDisk needs a disk image") && disk.contains("set type to ISO"), "{disk}");
     }
 
     #[test]

@@ -196,6 +196,7 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
                         checksum: checksum.as_deref(),
                         declared: *format,
                         limit: job.limit_gib.saturating_mul(GIB),
+                        image_type: Some(image.spec.r#type),
                     };
                     import::import(store, &object, request, &ctx.config.fetch, progress).await
                 }
