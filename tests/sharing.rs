@@ -251,6 +251,59 @@ scenarios! {
         }
     }
 
+    async fn a_tenant_image_made_public_once_active_stays_private_and_says_so(env: &Env) {
+        let owner = env.namespace("pub").await;
+        let other = env.namespace("o").await;
+        let r = format!("{owner}-r");
+        let (addr, _dir) = files().await;
+        region(env, &r).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &owner);
+        let shares: Api<ImageShare> = Api::namespaced(env.client.clone(), &owner);
+        let theirs: Api<Image> = Api::namespaced(env.client.clone(), &other);
+        let url = format!("http://{addr}/a.raw");
+        apply(&images, owned("img", &r, &url, json!({}))).await;
+        env.wait_for(&images, "img", reason_is("Active")).await;
+        let patch = owned("img", &r, &url, json!({"visibility": "Public"}));
+        match images.patch("img", &kube::api::PatchParams::apply("test").force(), &kube::api::Patch::Apply(patch)).await {
+            Ok(_) => {}
+            // deploy/'s ValidatingAdmissionPolicy, where installed, refuses it up front.
+            Err(kube::Error::Api(s)) if env.server().is_none() && s.message.contains("Private or Marketplace") => return,
+            Err(e) => panic!("{e}"),
+        }
+        let stalled = |i: Option<&Image>| {
+            i.and_then(|i| i.status.as_ref())
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Stalled"))
+                .is_some_and(|c| c.reason == "VisibilityNotAllowed")
+        };
+        let refused = env.wait_for(&images, "img", stalled).await.unwrap();
+        let status = refused.status.unwrap();
+        assert_eq!(status.phase, Some(ImagePhase::Active), "the bytes stay usable");
+        assert_eq!(ready_reason(images.get("img").await.ok().as_ref()).as_deref(), Some("Active"));
+        assert_eq!(status.observed_generation, refused.metadata.generation);
+        assert!(status.message.unwrap().contains("stays Private"), "says what happened");
+        // It is shared as the Private image it is, never "every tenant may already use it";
+        // a tenant without a grant is not let in by the refused visibility.
+        apply(&theirs, reference("uninvited", &r, &owner, "img")).await;
+        env.wait_for(&theirs, "uninvited", reason_is("NotShared")).await;
+        apply(&shares, share("s", "img", &[&other])).await;
+        env.wait_for(&shares, "s", share_reason_is("Shared")).await;
+        env.wait_for(&theirs, "uninvited", reason_is("Active")).await;
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &owner);
+        let warned = || async {
+            events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("VisibilityNotAllowed")
+            })
+        };
+        assert!(warned().await, "the owner is told with an Event");
+        // Set back to Private: the refusal goes.
+        apply(&images, owned("img", &r, &url, json!({"visibility": "Private"}))).await;
+        env.wait_for(&images, "img", |i: Option<&Image>| {
+            i.and_then(|i| i.status.as_ref()).is_some_and(|s| !s.conditions.iter().any(|c| c.type_ == "Stalled"))
+        })
+        .await;
+    }
+
     async fn one_image_shared_with_128_tenants_then_revoked_and_the_129th_refused(env: &Env) {
         let owner = env.namespace("big").await;
         let r = format!("{owner}-r");

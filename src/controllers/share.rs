@@ -67,6 +67,7 @@ fn evaluation_with(ctx: &Context, namespace: &str, image: &str, current: Option<
         &shares,
         |tenant| ctx.namespaces.get(&ObjectRef::new(tenant)).is_some(),
         &ctx.config.policy,
+        &ctx.config.public_namespace,
     )
 }
 

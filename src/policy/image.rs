@@ -4,8 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::{
     api::{
-        ImagePhase, ImageStatus, ImageType,
-        conditions::{Progressing, Reason, conditions, kstatus},
+        ImagePhase, ImageStatus, ImageType, Visibility,
+        conditions::{ConditionType, Progressing, Reason, Want, conditions, kstatus},
     },
     format::Format,
 };
@@ -38,9 +38,32 @@ pub fn with_phase(
     }
 }
 
+/// Status of an Active image whose latest spec asks for what it cannot have (`reason`, e.g.
+/// `VisibilityNotAllowed`): it stays Active and Ready with the bytes it has, and `Stalled` says
+/// what was refused and what to change (kstatus: the spec is not, and will not be, reconciled).
+pub fn active_refusing(
+    old: &ImageStatus,
+    generation: Option<i64>,
+    reason: Reason,
+    message: &str,
+    now: &Time,
+) -> ImageStatus {
+    let wants = [
+        Want::new(ConditionType::Ready, true, Reason::Active, ACTIVE_MESSAGE),
+        Want::new(ConditionType::Stalled, true, reason, message),
+    ];
+    ImageStatus {
+        phase: Some(ImagePhase::Active),
+        conditions: conditions(&old.conditions, &wants, generation, now),
+        observed_generation: generation,
+        message: Some(message.to_string()),
+        ..old.clone()
+    }
+}
+
 /// Whether `visibility: Public` is allowed in `namespace`.
-pub fn visibility_allowed(visibility: crate::api::Visibility, namespace: &str, public_namespace: &str) -> bool {
-    visibility != crate::api::Visibility::Public || namespace == public_namespace
+pub fn visibility_allowed(visibility: Visibility, namespace: &str, public_namespace: &str) -> bool {
+    visibility != Visibility::Public || namespace == public_namespace
 }
 
 /// Why bytes of `format` cannot be an image of `image_type`, saying what to change: an ISO
@@ -70,6 +93,16 @@ pub fn type_name(image_type: ImageType) -> &'static str {
     }
 }
 
+/// The visibility an image has: `visibility: Public` outside the platform namespace is refused
+/// (an image is Failed for it, or, once Active, keeps being the Private image it was), so
+/// there it counts as Private.
+pub fn effective_visibility(visibility: Visibility, namespace: &str, public_namespace: &str) -> Visibility {
+    match visibility_allowed(visibility, namespace, public_namespace) {
+        true => visibility,
+        false => Visibility::Private,
+    }
+}
+
 /// Percent of `done` over `total`, 0..=100.
 pub fn percent(done: u64, total: Option<u64>) -> Option<i32> {
     let total = total.filter(|t| *t > 0)?;
@@ -79,7 +112,6 @@ pub fn percent(done: u64, total: Option<u64>) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Visibility;
 
     #[test]
     fn conditions_follow_the_phase() {
@@ -106,6 +138,9 @@ mod tests {
         assert!(!visibility_allowed(Visibility::Public, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Marketplace, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Private, "tenant-a", "ims-public"));
+        assert_eq!(effective_visibility(Visibility::Public, "tenant-a", "ims-public"), Visibility::Private);
+        assert_eq!(effective_visibility(Visibility::Public, "ims-public", "ims-public"), Visibility::Public);
+        assert_eq!(effective_visibility(Visibility::Marketplace, "tenant-a", "ims-public"), Visibility::Marketplace);
     }
 
     /// An ISO image holds ISO 9660 bytes and nothing else; a disk type holds anything but.

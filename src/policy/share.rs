@@ -13,8 +13,11 @@ use crate::api::{
     conditions::{ConditionType, Reason, Want, conditions},
 };
 
-/// Why an image cannot be shared at all: (reason, message). Checked in this order.
-pub fn refusal(name: &str, image: Option<&Image>) -> Option<(Reason, String)> {
+/// Why an image cannot be shared at all: (reason, message). Checked in this order. An image
+/// says `visibility: Public` outside the platform namespace `public_namespace` is not public
+/// (it is refused that visibility, see [`super::image::effective_visibility`]): it is shared as
+/// the Private image it is.
+pub fn refusal(name: &str, image: Option<&Image>, public_namespace: &str) -> Option<(Reason, String)> {
     let Some(image) = image else {
         return Some((
             Reason::ImageNotFound,
@@ -29,7 +32,8 @@ pub fn refusal(name: &str, image: Option<&Image>) -> Option<(Reason, String)> {
             ),
         ));
     }
-    match image.spec.visibility {
+    let namespace = image.namespace().unwrap_or_default();
+    match super::image::effective_visibility(image.spec.visibility, &namespace, public_namespace) {
         Visibility::Public => {
             return Some((
                 Reason::PublicImage,
@@ -129,6 +133,7 @@ pub fn evaluate(
     shares: &[&ImageShare],
     tenant_exists: impl Fn(&str) -> bool,
     policy: &Policy,
+    public_namespace: &str,
 ) -> Evaluation {
     let mut ordered: Vec<&&ImageShare> = shares.iter().collect();
     ordered.sort_by_key(|s| (s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.name_any()));
@@ -156,7 +161,7 @@ pub fn evaluate(
             .collect();
         out.push((share.name_any(), members));
     }
-    Evaluation { refusal: refusal(image_name, image), shares: out, granted, limit }
+    Evaluation { refusal: refusal(image_name, image, public_namespace), shares: out, granted, limit }
 }
 
 /// Whether `tenant` may use `source` without an ImageShare: Public images of the platform
@@ -296,6 +301,7 @@ mod tests {
                 Some(image(serde_json::json!({"source": {"image": {"namespace": "a", "name": "b"}}}), true)),
                 Reason::NotOwner,
             ),
+            // (The test images are in the namespace "owner"; here it is the platform namespace.)
             (Some(image(serde_json::json!({"visibility": "Public"}), true)), Reason::PublicImage),
             (Some(image(serde_json::json!({"visibility": "Marketplace"}), true)), Reason::MarketplaceImage),
             (Some(image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true)), Reason::EncryptedImage),
@@ -303,10 +309,18 @@ mod tests {
             (Some(image(serde_json::json!({}), false)), Reason::ImageNotActive),
         ];
         for (img, reason) in cases {
-            assert_eq!(refusal("img", img.as_ref()).map(|r| r.0), Some(reason));
+            assert_eq!(refusal("img", img.as_ref(), "owner").map(|r| r.0), Some(reason));
         }
+        // `visibility: Public` in a tenant namespace is refused: the image is the Private image
+        // it was, and is shared as one (never "every tenant may already use it").
+        let tenant_public = image(serde_json::json!({"visibility": "Public"}), true);
+        assert_eq!(refusal("img", Some(&tenant_public), "ims-public"), None);
         assert_eq!(
-            refusal("img", Some(&image(serde_json::json!({"type": "FullServer", "backupID": "b"}), true))),
+            refusal(
+                "img",
+                Some(&image(serde_json::json!({"type": "FullServer", "backupID": "b"}), true)),
+                "ims-public"
+            ),
             None
         );
     }
@@ -318,7 +332,7 @@ mod tests {
         let older = share("older", 100, &["a", "b"]);
         let newer = share("newer", 200, &["b", "c", "d", "owner", "ghost"]);
         // Given newest first: the order comes from creationTimestamp, not the slice.
-        let e = evaluate("owner", "img", Some(&img), &[&newer, &older], |t| t != "ghost", &policy);
+        let e = evaluate("owner", "img", Some(&img), &[&newer, &older], |t| t != "ghost", &policy, "ims-public");
         assert_eq!(e.members("older"), [("a".into(), Verdict::Granted), ("b".into(), Verdict::Granted)]);
         assert_eq!(
             e.members("newer"),
@@ -339,7 +353,7 @@ mod tests {
     fn a_refused_share_grants_nothing() {
         let img = image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true);
         let s = share("s", 1, &["a"]);
-        let e = evaluate("owner", "img", Some(&img), &[&s], |_| true, &Policy::default());
+        let e = evaluate("owner", "img", Some(&img), &[&s], |_| true, &Policy::default(), "ims-public");
         assert_eq!(e.members("s"), [("a".into(), Verdict::Granted)]);
         assert!(!e.grants("a"));
     }

@@ -28,10 +28,10 @@ use super::{Context, Error, Shutdown, quota, status};
 use crate::{
     api::{
         CLEANUP_FINALIZER, Image, ImagePhase, ImageStatus, Lineage,
-        conditions::{Reason, ready_reason},
+        conditions::{ConditionType, Reason, find, ready_reason},
     },
     policy::{
-        image::{ACTIVE_MESSAGE, visibility_allowed, with_phase},
+        image::{ACTIVE_MESSAGE, active_refusing, visibility_allowed, with_phase},
         quota::Answer,
     },
     store::RegionStore,
@@ -96,16 +96,20 @@ async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageSt
 /// An Event for a transition a person should see (admitted, active, failed, over quota),
 /// published only when the phase or reason changes, so requeues make no event storm.
 async fn announce(ctx: &Context, image: &Image, desired: &ImageStatus) {
-    let ready = |s: Option<&ImageStatus>| {
-        s.and_then(|s| ready_reason(&s.conditions)).map(|r| (s.and_then(|s| s.phase), r.to_string()))
+    // The headline: the phase, and the Stalled reason if any (what was refused), else Ready's.
+    let headline = |s: Option<&ImageStatus>| {
+        let s = s?;
+        let stalled = find(&s.conditions, ConditionType::Stalled).map(|c| c.reason.as_str());
+        stalled.or(ready_reason(&s.conditions)).map(|r| (s.phase, r.to_string(), stalled.is_some()))
     };
-    let now = ready(Some(desired));
-    if now == ready(image.status.as_ref()) {
+    let now = headline(Some(desired));
+    if now == headline(image.status.as_ref()) {
         return;
     }
-    let Some((phase, reason)) = now else { return };
-    let warning =
-        matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable)) || reason == Reason::QuotaExceeded;
+    let Some((phase, reason, stalled)) = now else { return };
+    let warning = stalled
+        || matches!(phase, Some(ImagePhase::Failed | ImagePhase::Unavailable))
+        || reason == Reason::QuotaExceeded;
     if !warning && image.spec.source.image.is_some() {
         // A reference binding is no news (10,000 of them would be 10,000 Events): only what
         // goes wrong with it is.
@@ -175,7 +179,14 @@ impl Shown {
 
     fn status(&self, image: &Image) -> ImageStatus {
         let old = image.status.clone().unwrap_or_default();
-        with_phase(&old, image.metadata.generation, self.phase, self.reason, &self.message, &status::now())
+        let (generation, now) = (image.metadata.generation, status::now());
+        match (self.phase, self.reason) {
+            // Active with another reason: an Active image refusing a change of its spec.
+            (ImagePhase::Active, reason) if reason != Reason::Active => {
+                active_refusing(&old, generation, reason, &self.message, &now)
+            }
+            _ => with_phase(&old, generation, self.phase, self.reason, &self.message, &now),
+        }
     }
 }
 
@@ -201,6 +212,18 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
         return Step::Idle;
     }
     match old.phase {
+        // An Active image cannot become Public outside the platform namespace: it stays the
+        // Private image it was (shares and references treat it so), and says why.
+        Some(ImagePhase::Active)
+            if !visibility_allowed(image.spec.visibility, &namespace, &ctx.config.public_namespace) =>
+        {
+            let message = format!(
+                "visibility Public is only allowed in the platform namespace {}: the image stays Private; set spec.visibility back to Private (or Marketplace)",
+                ctx.config.public_namespace
+            );
+            let then = Action::requeue(Duration::from_secs(3600));
+            return Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, message, then);
+        }
         // Bytes are immutable once Active: later spec changes only move observedGeneration.
         Some(ImagePhase::Active) => {
             return Shown::step(
