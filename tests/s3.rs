@@ -355,8 +355,9 @@ scenarios! {
         let unreachable = format!("{ns}-closed");
         let secret_name = format!("{ns}-creds");
         credentials_secret(env, &secret_name).await;
-        s3_region(env, &no_secret, "s3://images/eu", &closed, &format!("{ns}-missing")).await;
-        s3_region(env, &unreachable, "s3://images/eu", &closed, &secret_name).await;
+        // (Stores of their own: two Regions on one store are refused, StoreConflict.)
+        s3_region(env, &no_secret, &format!("s3://images/{no_secret}"), &closed, &format!("{ns}-missing")).await;
+        s3_region(env, &unreachable, &format!("s3://images/{unreachable}"), &closed, &secret_name).await;
         env.start_operator();
 
         let r = env.wait_for(&regions, &no_secret, has_ready("False", "SecretNotFound")).await.unwrap();

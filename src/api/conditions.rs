@@ -140,6 +140,10 @@ reasons! {
     StoreUnreachable,
     /// The credentials Secret of an S3 region does not exist.
     SecretNotFound,
+    /// The region's store is, holds, or is inside an older Region's store.
+    StoreConflict,
+    /// Deletion of the region waits for the images that use it.
+    RegionInUse,
 }
 
 impl std::fmt::Display for Reason {

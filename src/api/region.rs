@@ -39,7 +39,9 @@ pub struct RegionSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RegionStorage {
     /// Store URL: `file:///var/lib/ims/<region>` (a directory on the operator's volume, the
-    /// embedded default) or `s3://bucket/prefix` for an S3-compatible store.
+    /// embedded default) or `s3://bucket/prefix` for an S3-compatible store. Each Region needs
+    /// a store of its own: one that is, holds or is inside another Region's is refused
+    /// (`StoreConflict`).
     #[schemars(length(min = 1, max = 1024), pattern(r"^(file|s3)://.+$"))]
     pub url: String,
     /// S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or a MinIO/Ceph RGW address.

@@ -223,6 +223,13 @@ impl Context {
         }
     }
 
+    /// Drops a region's opened store (its region goes, or its store is refused).
+    pub(super) fn forget_store(&self, region: &str) {
+        if let Ok(mut stores) = self.stores.lock() {
+            stores.remove(region);
+        }
+    }
+
     pub(super) fn remember_probe(&self, region: &str, generation: Option<i64>, probe: &Probe) {
         if let Ok(mut probes) = self.probes.lock() {
             probes.insert(region.to_string(), (generation, Instant::now(), probe.clone()));

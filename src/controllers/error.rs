@@ -12,6 +12,9 @@ pub enum Error {
     /// Deletion is held by `spec.protected`.
     #[error("{0}")]
     Protected(String),
+    /// Deletion waits for what still uses the object (a Region's images).
+    #[error("{0}")]
+    InUse(String),
     /// A step that may succeed when retried (source or store unavailable).
     #[error("{0}")]
     Transient(String),
@@ -28,6 +31,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::Protected(_) => "protected",
+            Error::InUse(_) => "in_use",
             Error::Transient(_) => "transient",
         }
     }

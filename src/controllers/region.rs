@@ -6,19 +6,29 @@ use std::{sync::Arc, time::Duration};
 use futures::{StreamExt, channel::mpsc::UnboundedReceiver};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, ResourceExt,
-    runtime::{controller::Action, reflector::ObjectRef, watcher},
+    Api, Resource, ResourceExt,
+    runtime::{
+        controller::Action,
+        finalizer::{Event, finalizer},
+        reflector::ObjectRef,
+        watcher,
+    },
 };
 
 use super::{Context, Error, Shutdown, status};
 use crate::{
-    api::Region,
+    api::{
+        Image, Region,
+        conditions::{Reason, ready_reason},
+    },
     policy::region::{self, Probe},
     store::{RegionStore, S3Credentials, StoreError},
 };
 
 /// Field manager of Region status.
 pub const MANAGER: &str = "ims-operator/region";
+/// Holds a Region's deletion while images use it.
+pub const REGION_FINALIZER: &str = "ims.io/region-in-use";
 /// How often a Ready region is probed again.
 pub const REPROBE: Duration = Duration::from_secs(300);
 
@@ -54,30 +64,70 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
 #[tracing::instrument(skip_all, fields(region = %region.name_any()))]
 async fn reconcile(region: Arc<Region>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.config.metrics.reconcile("region");
+    let api: Api<Region> = Api::all(ctx.client.clone());
+    finalizer(&api, REGION_FINALIZER, region, |event| async {
+        match event {
+            Event::Apply(region) => apply(&region, &ctx, &api).await,
+            Event::Cleanup(region) => cleanup(&region, &ctx, &api).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(region: &Region, ctx: &Context, api: &Api<Region>) -> Result<Action, Error> {
     let name = region.name_any();
     let generation = region.metadata.generation;
+    // Decide: a store an older Region has is refused before anything touches it.
+    let conflict = region::store_conflict(region, ctx.regions.state().iter().map(|r| r.as_ref()));
     // Fetch + act: probe at most every REPROBE per generation; image changes only recount.
-    let probe = match ctx.cached_probe(&name, generation) {
-        Some(p) => p,
-        None => {
-            let p = probe(&region, &ctx).await;
+    let probe = match (conflict, ctx.cached_probe(&name, generation)) {
+        (Some(message), _) => {
+            ctx.forget_store(&name);
+            Probe::Conflict(message)
+        }
+        (None, Some(p)) => p,
+        (None, None) => {
+            let p = probe(region, ctx).await;
             ctx.remember_probe(&name, generation, &p);
             p
         }
     };
-    // Decide.
     let images = ctx.images.state();
     let usage = region::usage(&name, images.iter().map(|i| i.as_ref()));
     let old = region.status.clone().unwrap_or_default();
     let desired = region::status(generation, &probe, usage, &old, &status::now());
     // Write status.
-    let api: Api<Region> = Api::all(ctx.client.clone());
-    status::apply_status(&api, &name, MANAGER, region.status.as_ref(), &desired).await?;
+    status::apply_status(api, &name, MANAGER, region.status.as_ref(), &desired).await?;
     Ok(match probe {
         Probe::Ready => Action::requeue(REPROBE),
         Probe::Unreachable(_) => Action::requeue(Duration::from_secs(30)),
-        Probe::InvalidSpec(_) | Probe::SecretNotFound(_) => Action::await_change(),
+        Probe::InvalidSpec(_) | Probe::SecretNotFound(_) | Probe::Conflict(_) => Action::await_change(),
     })
+}
+
+/// A Region being deleted waits for every image that uses it (their bytes are in its store,
+/// and their cleanup needs it): it shows `Ready=False/RegionInUse`, tells each image's owner
+/// once with an Event, and goes when the last image has (image changes re-run it).
+async fn cleanup(region: &Region, ctx: &Context, api: &Api<Region>) -> Result<Action, Error> {
+    let name = region.name_any();
+    let images = ctx.images.state();
+    let using: Vec<&Image> = images.iter().map(|i| i.as_ref()).filter(|i| i.spec.region == name).collect();
+    if using.is_empty() {
+        ctx.forget_probe(&name);
+        ctx.forget_store(&name);
+        return Ok(Action::await_change());
+    }
+    let old = region.status.clone().unwrap_or_default();
+    let announced = ready_reason(&old.conditions) == Some(Reason::RegionInUse.as_str());
+    let (desired, note) = region::deleting(region.metadata.generation, &using, &old, &status::now());
+    if !announced {
+        for image in &using {
+            ctx.publish_event(&image.object_ref(&()), true, "RegionDeleting".into(), &note, "Delete").await;
+        }
+    }
+    status::apply_status(api, &name, MANAGER, region.status.as_ref(), &desired).await?;
+    Err(Error::InUse(desired.conditions.first().map(|c| c.message.clone()).unwrap_or_default()))
 }
 
 async fn probe(region: &Region, ctx: &Context) -> Probe {
@@ -145,5 +195,13 @@ pub fn s3_credentials(secret: &Secret) -> Option<S3Credentials> {
 fn error_policy(region: Arc<Region>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.config.metrics.error("region", err.metric_label());
     tracing::warn!(region = %region.name_any(), error = %err, label = err.metric_label(), "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    match err {
+        // Its images' changes re-run it; this is a backstop.
+        Error::Finalizer(e)
+            if matches!(e.as_ref(), kube::runtime::finalizer::Error::CleanupFailed(Error::InUse(_))) =>
+        {
+            Action::requeue(Duration::from_secs(60))
+        }
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
 }

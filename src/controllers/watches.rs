@@ -222,25 +222,34 @@ fn on_namespace(event: &watcher::Event<Namespace>, shares: &Store<ImageShare>, t
 fn on_region(
     event: &watcher::Event<Region>,
     seen: &mut HashMap<String, (Option<i64>, bool)>,
+    regions: &Store<Region>,
     images: &Store<Image>,
     copies: &Store<ImageCopy>,
     t: &Triggers,
 ) {
-    let name = match event {
+    let (name, moved) = match event {
         // After a re-list too: a region may have changed while the watch was down.
         watcher::Event::Apply(region) | watcher::Event::InitApply(region) => {
             let now = (region.metadata.generation, region::is_ready(region));
-            if seen.insert(region.name_any(), now) == Some(now) {
+            let before = seen.insert(region.name_any(), now);
+            if before == Some(now) {
                 return;
             }
-            region.name_any()
+            // Created, or its spec changed.
+            (region.name_any(), before.map(|b| b.0) != Some(now.0))
         }
         watcher::Event::Delete(region) => {
             seen.remove(&region.name_any());
-            region.name_any()
+            (region.name_any(), true)
         }
         _ => return,
     };
+    if moved {
+        // Whether another region's store is free (store conflicts) depends on where this one is.
+        t.regions(
+            regions.state().iter().filter(|r| r.name_any() != name).map(|r| ObjectRef::from_obj(r.as_ref())).collect(),
+        );
+    }
     t.images(
         images.state().iter().filter(|i| i.spec.region == name).map(|i| ObjectRef::from_obj(i.as_ref())).collect(),
     );
@@ -331,7 +340,7 @@ pub async fn run(
     let (regions, regions_task) = reflect::<Region>(&client, Some(triggers.regions.clone()), {
         let (t, copies, images) = (triggers.clone(), copies.clone(), images.clone());
         let mut seen = HashMap::new();
-        move |event, _| on_region(event, &mut seen, &images, &copies, &t)
+        move |event, regions| on_region(event, &mut seen, regions, &images, &copies, &t)
     });
     let caches =
         tokio::spawn(futures::future::join_all([images_task, shares_task, namespaces_task, regions_task, copies_task]));

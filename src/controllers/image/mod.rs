@@ -248,6 +248,12 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
         let message = format!("Region {region_name} does not exist: create it, or correct spec.region");
         return Shown::queued(Reason::RegionNotFound, message, WAITING_RECHECK);
     };
+    if region.metadata.deletion_timestamp.is_some() {
+        let message = format!(
+            "Region {region_name} is being deleted: nothing new is stored there; correct spec.region (a new Image) to use another region"
+        );
+        return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
+    }
     let Some(store) = ctx.ready_store(region_name).await else {
         let message = format!("Region {region_name} is not Ready; the import starts when it is");
         return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
