@@ -15,6 +15,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::{reason_is, region, stored_files};
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -252,6 +256,61 @@ scenarios! {
         let before = images.get("later").await.unwrap().resource_version();
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         assert_eq!(images.get("later").await.unwrap().resource_version(), before, "retries write nothing while the outcome is the same");
+    }
+
+    async fn the_source_of_an_active_image_cannot_change_and_a_change_mid_import_starts_again(env: &Env) {
+        let ns = env.namespace("src").await;
+        let region_name = format!("{ns}-r");
+        let files = tempfile::tempdir().unwrap();
+        let new_bytes = vec![2u8; 30_000];
+        std::fs::write(files.path().join("new.raw"), &new_bytes).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        // A source that sends half its bytes, then holds the rest until told.
+        let held = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let held_addr = held.local_addr().unwrap();
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let go = release.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = held.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\nConnection: close\r\n\r\n").await;
+                let _ = stream.write_all(&[1u8; 32768]).await;
+                go.notified().await;
+                let _ = stream.write_all(&[1u8; 32768]).await;
+            }
+        });
+        region(env, &region_name).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let apply = |url: String, extra: Value| {
+            let images = images.clone();
+            let region_name = region_name.clone();
+            async move { images.patch("img", &PatchParams::apply("test"), &Patch::Apply(image("img", &region_name, &url, extra))).await }
+        };
+        apply(format!("http://{held_addr}/old.raw"), json!({})).await.unwrap();
+        env.wait_for(&images, "img", reason_is("Importing")).await;
+        // While it is Saving the source may change (a URL fixed); the old bytes never become Active.
+        apply(format!("http://{addr}/new.raw"), json!({})).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await; // the operator's cache sees the edit
+        release.notify_one();
+        let active = env.wait_for(&images, "img", reason_is("Active")).await.unwrap();
+        let status = active.status.unwrap();
+        assert_eq!(status.checksum.unwrap().sha256, hex(&Sha256::digest(&new_bytes)), "the bytes of the source in the spec");
+        assert_eq!((status.size_bytes, status.observed_generation), (Some(30_000), active.metadata.generation));
+        if env.server().is_some() {
+            assert_eq!(stored_files(&env.region_dir(&region_name)).len(), 1, "the old bytes are gone");
+        }
+        // Once Active, the API server refuses a new source and says what to do; other edits pass.
+        match apply(format!("http://{addr}/other.raw"), json!({})).await {
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "{s:?}");
+                assert!(s.message.contains("spec.source cannot change once the image is Active") && s.message.contains("create a new Image"), "{}", s.message);
+            }
+            other => panic!("a new source of an Active image was accepted: {other:?}"),
+        }
+        apply(format!("http://{addr}/new.raw"), json!({"description": "still fine"})).await.unwrap();
     }
 
     async fn transitions_are_announced_once_as_events(env: &Env) {

@@ -35,7 +35,12 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
         priority = 1,
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // The bytes of an Active image are imported and verified: its source cannot change (an edit
+    // would mean nothing). Before Active it may (a typo in a URL that never answered).
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase != 'Active' || self.spec.source == oldSelf.spec.source")
+        .message("spec.source cannot change once the image is Active: its bytes are imported and verified; create a new Image for other bytes")
+        .field_path(".spec.source")
 )]
 #[x_kube(
     validation = Rule::new("(has(self.type) && self.type in ['DataDisk', 'ISO']) || has(self.os) || has(self.source.image)")

@@ -128,6 +128,13 @@ fn deleted_already(images: &kube::runtime::reflector::Store<Image>, image: &Imag
     now.is_some_and(|now| now.metadata.uid != image.metadata.uid || now.metadata.deletion_timestamp.is_some())
 }
 
+/// Whether the cache shows the image (the same one) with another `spec.source` than `image`,
+/// the version whose bytes moved.
+fn source_changed(images: &kube::runtime::reflector::Store<Image>, image: &Image) -> bool {
+    let now = images.get(&kube::runtime::reflector::ObjectRef::from_obj(image));
+    now.is_some_and(|now| now.metadata.uid == image.metadata.uid && now.spec.source != image.spec.source)
+}
+
 /// A progress snapshot: bytes done over all disks, the total when known, the disks stored.
 type Snapshot = (u64, Option<u64>, Vec<DiskStatus>);
 
@@ -330,6 +337,16 @@ pub async fn settle(
         }
         Moved::Stored(stored) => stored,
     };
+    if source_changed(&ctx.images, image) {
+        // What moved is no longer what the spec asks for (edited while the bytes moved; once
+        // Active the API server refuses such an edit): never Active with the old bytes.
+        remove().await?;
+        let message = "spec.source changed while the bytes moved: they are removed, and the import starts again from the new source";
+        let again = with_phase(&job.saving, generation, ImagePhase::Saving, Reason::Importing, message, &now);
+        write(ctx, api, image, &moved_nothing(again)).await?;
+        tracing::info!("source changed during the move: starting again");
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let size: u64 = stored.iter().map(|(_, i)| i.size).sum();
     let kind = if job.parts.iter().any(|p| matches!(p.from, From::Object { .. })) { "copy" } else { "import" };
     ctx.config.metrics.moved(kind, size);
