@@ -78,9 +78,13 @@ pub struct RunArgs {
     /// Directory under which `file://` region stores must live.
     #[arg(long, env = "IMS_FILE_STORE_ROOT", default_value = "/var/lib/ims", value_name = "DIR")]
     pub file_store_root: PathBuf,
-    /// Allow `file://` image sources (paths on the operator's filesystem).
+    /// Allow `file://` image sources, read only under `--file-import-roots` (required with it).
     #[arg(long, env = "IMS_ALLOW_FILE_IMPORTS")]
     pub allow_file_imports: bool,
+    /// Directories `file://` image sources may be read from (comma-separated; implies
+    /// `--allow-file-imports`). Never the whole filesystem: it holds the operator's credentials.
+    #[arg(long, env = "IMS_FILE_IMPORT_ROOTS", value_delimiter = ',', value_name = "DIR,...")]
+    pub file_import_roots: Vec<PathBuf>,
     /// Address ranges imports may reach although they are loopback, private or link-local
     /// (comma-separated CIDRs, e.g. `10.20.0.0/16,fd00::/8`). Everything else non-public is refused.
     #[arg(long, env = "IMS_IMPORT_ALLOW_CIDRS", value_delimiter = ',', value_name = "CIDR,...")]
@@ -144,6 +148,19 @@ pub enum CliError {
         addr: std::net::SocketAddr,
         /// Why.
         source: std::io::Error,
+    },
+    /// `--allow-file-imports` without a directory to read from.
+    #[error(
+        "--allow-file-imports needs --file-import-roots DIR,...: file:// imports are read only under the directories named there, never from the whole filesystem (it holds the operator's ServiceAccount token)"
+    )]
+    FileImportsWithoutRoots,
+    /// A `--file-import-roots` directory is unusable.
+    #[error("--file-import-roots: {path} is not a directory the operator can read: {reason}")]
+    FileImportRoot {
+        /// The directory.
+        path: String,
+        /// Why.
+        reason: String,
     },
     /// Files could not be written.
     #[error("cannot write {path}: {source}")]
@@ -241,6 +258,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         Some(path) => Policy::from_file(path)?,
         None => Policy::default(),
     };
+    let file_roots = file_import_roots(args.allow_file_imports, &args.file_import_roots)?;
     let listener =
         admin::bind(args.admin_addr).await.map_err(|source| CliError::Bind { addr: args.admin_addr, source })?;
     let readiness = Readiness::default();
@@ -272,7 +290,8 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         operator_namespace: args.operator_namespace,
         stores: StoreConfig { file_url_root: args.file_store_root.clone(), file_dir: args.file_store_root },
         fetch: crate::fetch::FetchPolicy {
-            allow_file: args.allow_file_imports,
+            allow_file: !file_roots.is_empty(),
+            file_roots,
             allow_cidrs: args.import_allow_cidrs,
             ..Default::default()
         },
@@ -323,6 +342,28 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
 }
 
 /// Verifies through discovery (allowed to every authenticated user) that all five kinds are served.
+/// The directories `file://` imports may read (resolved), from `--allow-file-imports` and
+/// `--file-import-roots`: none unless roots are named; `--allow-file-imports` alone is an error.
+fn file_import_roots(allow: bool, roots: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
+    if allow && roots.is_empty() {
+        return Err(CliError::FileImportsWithoutRoots);
+    }
+    roots
+        .iter()
+        .map(|root| {
+            let refused = |reason: String| CliError::FileImportRoot { path: root.display().to_string(), reason };
+            let resolved = std::fs::canonicalize(root).map_err(|e| refused(e.to_string()))?;
+            match resolved.is_dir() {
+                true if resolved == std::path::Path::new("/") => Err(refused(
+                    "the filesystem root would allow every file; name the directories that hold images".into(),
+                )),
+                true => Ok(resolved),
+                false => Err(refused("not a directory".into())),
+            }
+        })
+        .collect()
+}
+
 async fn check_crds(client: &Client) -> Result<(), CliError> {
     let served = match client.list_api_group_resources(api::API_VERSION).await {
         Ok(list) => list.resources.into_iter().map(|r| r.kind).collect::<Vec<_>>(),

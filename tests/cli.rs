@@ -119,6 +119,33 @@ fn a_bad_policy_file_is_refused_before_connecting() {
     assert!(err.contains("key `concurrentImports`: must be a non-negative integer"), "{err}");
 }
 
+/// file:// imports read only under named directories, never the whole filesystem (where the
+/// operator's ServiceAccount token is): asking for them without one, or naming `/` or a file,
+/// is refused at start, before connecting.
+#[test]
+fn file_imports_need_directories_to_read_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--allow-file-imports"], "--allow-file-imports needs --file-import-roots DIR,..."),
+        (&["--file-import-roots", "/"], "the filesystem root would allow every file"),
+        (&["--file-import-roots", file.to_str().unwrap()], "is not a directory the operator can read: not a directory"),
+        (
+            &["--file-import-roots", "/nonexistent/images"],
+            "/nonexistent/images is not a directory the operator can read",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["run", "--admin-addr", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let out = operator(&args, "/nonexistent");
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        let err = stderr(&out);
+        assert!(err.contains(want) && !err.contains("Kubernetes configuration"), "{flags:?}: {err}");
+    }
+}
+
 #[test]
 fn help_lists_the_commands_and_env_vars() {
     let out = operator(&["--help"], "/nonexistent");

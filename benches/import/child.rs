@@ -135,7 +135,13 @@ fn child(f: impl std::future::Future<Output = String>) {
 
 /// The fetch policy of the children: file:// and 127.0.0.0/8 (the bench's server) allowed.
 fn policy() -> FetchPolicy {
-    FetchPolicy { allow_file: true, allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()], ..Default::default() }
+    // (The bench reads its own files wherever its temporary directory is.)
+    FetchPolicy {
+        allow_file: true,
+        file_roots: vec!["/".into()],
+        allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    }
 }
 
 fn file_store(root: &str, region: &str) -> RegionStore {

@@ -55,7 +55,8 @@ const USER_AGENT: &str = "ims-operator";
 pub struct FetchPolicy {
     /// Whether `file://` sources are allowed (operator flag `--allow-file-imports`).
     pub allow_file: bool,
-    /// When non-empty, `file://` paths must (after resolving symlinks) lie under one of these.
+    /// `file://` paths must (after resolving symlinks) lie under one of these; with none, no
+    /// `file://` source is read even when `allow_file` is set.
     pub file_roots: Vec<PathBuf>,
     /// Addresses inside these blocks are allowed even if private, loopback, etc.
     /// (operator flag `--import-allow-cidrs`).
@@ -270,7 +271,7 @@ pub enum FetchError {
         source: hyper::Error,
     },
     /// A `file://` source while file imports are disabled.
-    #[error("file:// sources are disabled; the operator allows them with --allow-file-imports")]
+    #[error("file:// sources are disabled; the operator allows them from the directories of --file-import-roots")]
     FileDisabled,
     /// A `file://` path that is not allowed.
     #[error("refused to read {}: {reason}", .path.display())]
@@ -850,7 +851,8 @@ pub fn is_file_url(url: &str) -> bool {
 /// callers that copy it themselves.
 pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFile, FetchError> {
     let url = url.trim();
-    if !policy.allow_file {
+    // Only under named roots: never the whole filesystem, which holds the operator's credentials.
+    if !policy.allow_file || policy.file_roots.is_empty() {
         return Err(FetchError::FileDisabled);
     }
     let path = file_url_path(url)?;
@@ -886,13 +888,13 @@ pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFil
     };
     // A path outside every root is refused before anything touches it: whether it exists, and
     // what it is, are nobody's business.
-    if !roots.is_empty() && !roots.iter().any(|r| path.starts_with(r)) {
+    if !roots.iter().any(|r| path.starts_with(r)) {
         return Err(outside("it is not under"));
     }
     let canonical = tokio::fs::canonicalize(&path).await.map_err(open_err(&path))?;
     // A symbolic link that leads out of the roots: refused, naming the path given, not where
     // the link leads.
-    if !roots.is_empty() && !roots.iter().any(|r| canonical.starts_with(r)) {
+    if !roots.iter().any(|r| canonical.starts_with(r)) {
         return Err(outside("it leads (through a symbolic link) outside"));
     }
     // Checked before opening, so a FIFO or device is never opened (opening a FIFO blocks).

@@ -901,8 +901,15 @@ fn file_url(path: &Path) -> String {
 async fn file_disabled() {
     let err = open("file:///etc/hostname", &FetchPolicy::default()).await.expect_err("disabled");
     assert!(matches!(err, FetchError::FileDisabled), "{err:?}");
-    assert_eq!(err.to_string(), "file:// sources are disabled; the operator allows them with --allow-file-imports");
+    assert_eq!(
+        err.to_string(),
+        "file:// sources are disabled; the operator allows them from the directories of --file-import-roots"
+    );
     assert!(!err.is_transient());
+    // Allowed, but with no directory to read from: nothing is read (not the whole filesystem).
+    let no_roots = FetchPolicy { allow_file: true, ..FetchPolicy::default() };
+    let err = open("file:///etc/hostname", &no_roots).await.expect_err("no roots");
+    assert!(matches!(err, FetchError::FileDisabled), "{err:?}");
 }
 
 #[tokio::test]
@@ -911,7 +918,7 @@ async fn file_streams_in_chunks() {
     let path = dir.0.join("disk image.raw");
     let data = body_bytes(3 * FILE_CHUNK_SIZE + 12345);
     std::fs::write(&path, &data).expect("write");
-    let policy = FetchPolicy { allow_file: true, ..FetchPolicy::default() };
+    let policy = FetchPolicy { allow_file: true, file_roots: vec![dir.0.clone()], ..FetchPolicy::default() };
     let url = format!("file://{}", dir.0.join("disk%20image.raw").display());
     let source = open(&url, &policy).await.expect("open file");
     assert_eq!(source.content_length, Some(data.len() as u64));
