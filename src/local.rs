@@ -216,6 +216,9 @@ pub struct Row {
     pub reason: String,
     /// Human message.
     pub message: String,
+    /// Whether the object has settled (kstatus "Current" or failed): it has a status for its
+    /// latest spec and no work in progress.
+    pub settled: bool,
 }
 
 impl Row {
@@ -223,6 +226,22 @@ impl Row {
     pub fn failed(&self) -> bool {
         matches!(self.phase.as_str(), "Failed" | "Rejected" | "Stalled")
     }
+}
+
+/// Whether an object has settled: it has a status, for its latest generation, with no
+/// `Reconciling` condition and no phase of work in progress.
+fn settled(obj: &Value) -> bool {
+    let Some(status) = obj.get("status").filter(|s| s.as_object().is_some_and(|s| !s.is_empty())) else {
+        return false;
+    };
+    let observed = status.get("observedGeneration").and_then(Value::as_i64);
+    let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64);
+    let reconciling = condition(obj, ConditionType::Reconciling).is_some_and(|c| c["status"] == "True");
+    let working = matches!(
+        status.get("phase").and_then(Value::as_str),
+        Some("Queued" | "Saving" | "Pending" | "Copying" | "Deleting")
+    );
+    (observed.is_none() || observed == generation) && !reconciling && !working
 }
 
 fn condition(obj: &Value, typ: ConditionType) -> Option<&Value> {
@@ -254,6 +273,7 @@ pub fn row(kind: &str, obj: &Value) -> Row {
             Some(summary) if ready.is_none() => text(Some(summary)),
             _ => text(ready.and_then(|c| c.get("message"))),
         },
+        settled: settled(obj),
     }
 }
 
@@ -343,7 +363,8 @@ pub struct LocalArgs {
     /// `<data-dir>/stores/<region>`.
     #[arg(long, env = "IMS_DATA_DIR", default_value = ".ims", value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// Exit non-zero when any object ends Failed or Stalled, or is rejected (for GitOps CI).
+    /// Exit non-zero when any object ends Failed or Stalled, is rejected, or has not settled
+    /// by `--timeout` (for GitOps CI); the objects and why are listed.
     #[arg(long, env = "IMS_LOCAL_CHECK")]
     pub check: bool,
     /// Keep running and serve the API on this address for kubectl (a kubeconfig is written
@@ -415,9 +436,25 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         applied.len() - rejected.len(),
         rejected.len()
     );
-    let settled = settle(&server, Duration::from_secs(2), Duration::from_secs(args.timeout)).await;
-    if !settled {
-        eprintln!("warning: objects still changing after {}s; showing the current state", args.timeout);
+    // Settled: nothing changed for a while and every object is settled (a retry with a long
+    // backoff changes nothing for a while too), or the timeout passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout);
+    let current = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let quiet = settle(&server, Duration::from_secs(2), left).await;
+        let current = rows(&server, &client).await;
+        if (quiet && current.iter().all(|r| r.settled)) || left.is_zero() {
+            break current;
+        }
+        tokio::time::sleep(Duration::from_millis(500).min(left)).await;
+    };
+    let unsettled: Vec<&Row> = current.iter().filter(|r| !r.settled && !r.failed()).collect();
+    if !unsettled.is_empty() {
+        eprintln!(
+            "warning: {} object(s) not settled after {}s; showing the current state",
+            unsettled.len(),
+            args.timeout
+        );
     }
     let mut table_rows: Vec<Row> = rejected
         .iter()
@@ -428,9 +465,10 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
             phase: "Rejected".into(),
             reason: "Invalid".into(),
             message: a.error.clone().unwrap_or_default(),
+            settled: true,
         })
         .collect();
-    table_rows.extend(rows(&server, &client).await);
+    table_rows.extend(current.iter().cloned());
     print!("{}", table(&table_rows));
     for a in &rejected {
         eprintln!("rejected {} {}/{}: {}", a.kind, a.namespace, a.name, a.error.as_deref().unwrap_or_default());
@@ -453,9 +491,19 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let _ = stop_tx.send(());
     let _ = controllers.await;
-    let failed = table_rows.iter().filter(|r| r.failed()).count();
-    if args.check && failed > 0 {
-        eprintln!("check failed: {failed} object(s) Failed, Stalled or Rejected");
+    let failed: Vec<&Row> = table_rows.iter().filter(|r| r.failed()).collect();
+    let unsettled: Vec<&Row> = table_rows.iter().filter(|r| !r.settled && !r.failed()).collect();
+    if args.check && !(failed.is_empty() && unsettled.is_empty()) {
+        eprintln!(
+            "check failed: {} object(s) Failed, Stalled or Rejected, {} not settled after {}s:",
+            failed.len(),
+            unsettled.len(),
+            args.timeout
+        );
+        for r in failed.iter().chain(&unsettled) {
+            let name = if r.namespace.is_empty() { r.name.clone() } else { format!("{}/{}", r.namespace, r.name) };
+            eprintln!("  {} {name}: {} {}: {}", r.kind, r.phase, r.reason, r.message);
+        }
         return Ok(1);
     }
     Ok(0)
@@ -487,6 +535,7 @@ mod tests {
                 phase: "Ready".into(),
                 reason: "StoreReady".into(),
                 message: "".into(),
+                settled: true,
             },
             Row {
                 kind: "Image".into(),
@@ -495,6 +544,7 @@ mod tests {
                 phase: "Active".into(),
                 reason: "Active".into(),
                 message: "ok".into(),
+                settled: true,
             },
         ];
         let text = table(&rows);
@@ -502,6 +552,27 @@ mod tests {
         assert_eq!(lines[0], "KIND     NAMESPACE   NAME      PHASE    REASON       MESSAGE");
         assert_eq!(lines[1], "Region   -           eu-west   Ready    StoreReady");
         assert_eq!(lines[2], "Image    tenant-a    ubuntu    Active   Active       ok");
+    }
+
+    /// Settled: a status for the latest generation, nothing in progress.
+    #[test]
+    fn an_object_is_settled_when_its_status_is_current_and_nothing_is_in_progress() {
+        let obj = |status: Value| serde_json::json!({"metadata": {"generation": 2}, "status": status});
+        let reconciling = serde_json::json!([{"type": "Reconciling", "status": "True"}]);
+        let cases = [
+            (serde_json::json!({"phase": "Active", "observedGeneration": 2}), true),
+            (serde_json::json!({"phase": "Failed", "observedGeneration": 2}), true),
+            (serde_json::json!({"phase": "Active", "observedGeneration": 1}), false),
+            (serde_json::json!({"phase": "Saving", "observedGeneration": 2}), false),
+            (serde_json::json!({"phase": "Pending"}), false),
+            (serde_json::json!({"observedGeneration": 2, "conditions": reconciling}), false),
+            (serde_json::json!({"summary": "eu-west: 1/50 images"}), true),
+            (serde_json::json!({}), false),
+        ];
+        for (status, want) in cases {
+            assert_eq!(settled(&obj(status.clone())), want, "{status}");
+        }
+        assert!(!settled(&serde_json::json!({"metadata": {"generation": 1}})), "no status yet");
     }
 
     #[test]

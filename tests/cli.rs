@@ -232,6 +232,10 @@ fn local_settles_the_examples_with_real_bytes() {
     let row =
         table.lines().find(|l| l.starts_with("Image") && l.contains("tenant-a") && l.contains("ubuntu-2404")).unwrap();
     assert!(row.contains("Active"), "{table}");
+    // Every example image settles offline, the FullServer and the ISO included.
+    let images: Vec<&str> = table.lines().filter(|l| l.starts_with("Image ")).collect();
+    assert_eq!(images.len(), 7, "{table}");
+    assert!(images.iter().all(|l| l.contains("Active")), "{table}");
     assert!(
         table.lines().any(|l| l.starts_with("Region") && l.contains("eu-west") && l.contains("StoreReady")),
         "{table}"
@@ -267,4 +271,33 @@ fn local_check_fails_on_rejected_manifests() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("Rejected") && table.contains("Duplicate value: \"tenant-b\""), "{table}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("check failed: 1 object(s)"));
+}
+
+/// `--check` fails when an object has not settled by the timeout (a source that never
+/// answers keeps its image Saving, retried), not only on Failed or Rejected, and names it.
+#[test]
+fn local_check_fails_on_objects_that_do_not_settle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/01-regions.yaml"),
+        dir.path().join("regions.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("image.yaml"),
+        "apiVersion: ims.io/v1alpha1\nkind: Image\nmetadata: {name: unreachable, namespace: tenant-a}\nspec:\n  region: eu-west\n  type: DataDisk\n  source: {url: {url: \"https://images.invalid/never.raw\"}}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args(["local", "--check", "--timeout", "8", "-f", dir.path().to_str().unwrap()])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("check failed: 0 object(s) Failed, Stalled or Rejected, 1 not settled after 8s:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("  Image tenant-a/unreachable: Saving SourceUnreachable: "), "names it and why: {stderr}");
 }

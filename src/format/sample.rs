@@ -69,3 +69,17 @@ pub fn iso(blocks: u32, boot_record_first: bool) -> Vec<u8> {
     }
     b
 }
+
+#[cfg(test)]
+mod tests {
+    /// `examples/images/rescue.iso` (the offline example set's ISO) is this sample; rewrite it
+    /// with `IMS_WRITE_EXAMPLES=1 cargo test --lib the_example_iso`.
+    #[test]
+    fn the_example_iso_is_this_sample() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images/rescue.iso");
+        if std::env::var_os("IMS_WRITE_EXAMPLES").is_some() {
+            std::fs::write(&path, super::iso(64, true)).unwrap();
+        }
+        assert!(std::fs::read(&path).unwrap() == super::iso(64, true), "{} differs from the sample", path.display());
+    }
+}
