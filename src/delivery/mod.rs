@@ -5,6 +5,7 @@
 //! byte ranges a request asks for ([`range`]).
 
 pub mod range;
+pub mod server;
 pub mod token;
 
 pub use range::{Ranged, ranged};
