@@ -31,3 +31,6 @@ pub mod metrics;
 pub mod policy;
 pub mod signal;
 pub mod store;
+
+#[cfg(test)]
+mod fuzz_regressions;

@@ -360,8 +360,8 @@ static CRC32C: [u32; 256] = {
     t
 };
 
-/// For test image builders: the crc32c of `data`.
-#[cfg(test)]
+/// For test image builders and the fuzz targets' checksum repair: the crc32c of `data`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn crc32c(data: &[u8]) -> u32 {
     !data.iter().fold(!0u32, |crc, &b| CRC32C[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8))
 }
