@@ -745,6 +745,36 @@ fn synthetic_vhdx() {
     assert!(e.to_string().starts_with("vhdx image is truncated"), "{e}");
 }
 
+/// A log full of entry headers whose checksums fail: every sector claimed a 2 MiB entry to
+/// check, so a 64 MiB log was 16384 reads of 2 MiB (32 GiB hashed; here 4 MiB, 2 GiB).
+/// Detection stays within the work fuzz::check_bytes allows and calls the log damaged.
+#[test]
+fn vhdx_log_of_damaged_entries_is_bounded() {
+    const MIB: usize = 1 << 20;
+    let mut img = build::vhdx_with_log(false);
+    let log_guid = [0x44u8; 16];
+    let (log_at, log_len) = (4 * MIB, 4 * MIB);
+    for at in [64 * 1024, 128 * 1024] {
+        let h = &mut img[at..at + 4096];
+        h[68..72].copy_from_slice(&(log_len as u32).to_le_bytes());
+        h[72..80].copy_from_slice(&(log_at as u64).to_le_bytes());
+        h[4..8].fill(0);
+        let crc = super::vhdx::crc32c(h);
+        h[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+    img.resize(log_at + log_len, 0);
+    for s in img[log_at..].chunks_mut(4096) {
+        s[..4].copy_from_slice(b"loge");
+        s[8..12].copy_from_slice(&(2 * MIB as u32).to_le_bytes());
+        s[16..24].copy_from_slice(&1u64.to_le_bytes());
+        s[32..48].copy_from_slice(&log_guid);
+    }
+    let r = std::panic::catch_unwind(|| super::fuzz::check_bytes(&img, img.len() as u64));
+    let e = r.expect("detection within bounds").unwrap_err();
+    assert!(matches!(e, FormatError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("vhdx log"), "{e}");
+}
+
 #[test]
 fn synthetic_iso() {
     for boot in [false, true] {
