@@ -136,7 +136,7 @@ fn detect_checked(
     let claimed = claimed_format(&seen);
     (image.reads, image.bytes) = (0, 0);
     let result = detect(&mut image, declared);
-    check(Case { target, variant, whole, claimed, declared }, &image, &result);
+    check(Case { target, variant, whole, claimed, declared }, &result);
     result
 }
 
@@ -233,7 +233,7 @@ struct Case {
 }
 
 /// The invariants of one detection.
-fn check(case: Case, image: &Image, result: &Result<Detected, FormatError>) {
+fn check(case: Case, result: &Result<Detected, FormatError>) {
     let Case { target, variant, whole, claimed, declared } = case;
     if target == Target::Vmdk && variant {
         assert!(matches!(result, Err(FormatError::Unsupported { .. })), "a vmdk descriptor gave {result:?}");
