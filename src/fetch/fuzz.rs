@@ -47,7 +47,8 @@ fn userinfo(url: &str) -> Option<&str> {
     let uri: Uri = url.parse().ok()?;
     let auth = uri.authority()?.as_str();
     let (user, _) = auth.rsplit_once('@')?;
-    let user = url.get(url.find(user)?..)?.get(..user.len())?;
+    let at = url.find(user)?;
+    let user = &url[at..at + user.len()];
     (user.len() >= 4 && url.matches(user).count() == 1).then_some(user)
 }
 
@@ -141,7 +142,7 @@ fn redirect(t: &Target, location: &str) -> String {
             format!("to {}", n.url)
         }
         Err(e) => {
-            assert!(!relative || loc.is_empty() || matches!(e, FetchError::BadRedirect { .. }), "{e:?}");
+            assert!(!relative || matches!(e, FetchError::BadRedirect { .. }), "{e:?}");
             format!("refused: {e}")
         }
     }
@@ -243,7 +244,8 @@ fn check_v6(v6: Ipv6Addr) {
     if let Some(v4) = v6.to_ipv4_mapped() {
         assert_eq!(r, refusal(IpAddr::V4(v4)), "{v6} and {v4}");
     }
-    if r.is_none() {
+    // Outside 2000::/3 only the forms that carry an IPv4 address may be allowed (judged by it).
+    if r.is_none() && addr::embedded_v4(v6).is_none() {
         assert_eq!(u128::from(v6) >> 125, 0b001, "{v6} is allowed outside 2000::/3");
     }
 }
