@@ -119,6 +119,7 @@ pub fn run(target: Target, input: &[u8]) -> String {
 
 /// [`detect`] on `data` as a store of `declared` bytes, with the invariants of [`run`] (the
 /// unit tests' own mutations go through here too).
+#[cfg(test)]
 pub(crate) fn check_bytes(data: &[u8], declared: u64) -> Result<Detected, FormatError> {
     let image = Image { head: data.to_vec(), gap: 0, tail: Vec::new(), reads: 0, bytes: 0 };
     detect_checked(image, declared, Target::Raw, false, declared == data.len() as u64)
