@@ -8,7 +8,11 @@ use crate::fetch;
 use crate::format::fuzz::{self as format, Target};
 
 /// `(target, file, the start of what the entry point says)`.
-const CASES: &[(&str, &str, &str)] = &[];
+const CASES: &[(&str, &str, &str)] = &[
+    // A harness error: a text descriptor on a store that holds less than it says is truncated
+    // (the descriptor invariant holds for whole images only).
+    ("format_vmdk", "descriptor-on-a-lying-store", "truncated: the image is said to be 549755813918 bytes"),
+];
 
 /// The entry point of the fuzz target `name`.
 fn run(name: &str, input: &[u8]) -> String {
