@@ -12,6 +12,9 @@ const CASES: &[(&str, &str, &str)] = &[
     // A harness error: a text descriptor on a store that holds less than it says is truncated
     // (the descriptor invariant holds for whole images only).
     ("format_vmdk", "descriptor-on-a-lying-store", "truncated: the image is said to be 549755813918 bytes"),
+    // A harness error: `httI:A0@x` has no authority (and no credentials) although the http
+    // crate reads one; such a URL is an unsupported scheme, shown as it is.
+    ("fetch_url", "scheme-and-path-with-at", "unsupported scheme httI"),
 ];
 
 /// The entry point of the fuzz target `name`.

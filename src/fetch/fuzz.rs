@@ -41,10 +41,12 @@ pub fn url(input: &[u8]) -> String {
     outcome
 }
 
-/// The user:password of a URL as the http crate reads it, when it is long enough to look for
-/// and appears nowhere else in the URL.
+/// The user:password of an absolute URL as the http crate reads it, when it is long enough to
+/// look for and appears nowhere else in the URL.
 fn userinfo(url: &str) -> Option<&str> {
     let uri: Uri = url.parse().ok()?;
+    // Without a scheme the http crate reads `a:b@c` as an authority; a URL has none there.
+    uri.scheme()?;
     let auth = uri.authority()?.as_str();
     let (user, _) = auth.rsplit_once('@')?;
     let at = url.find(user)?;
