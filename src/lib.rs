@@ -32,3 +32,6 @@ pub mod metrics;
 pub mod policy;
 pub mod signal;
 pub mod store;
+
+#[cfg(test)]
+mod fuzz_regressions;

@@ -16,6 +16,11 @@ mod addr;
 #[cfg(test)]
 mod tests;
 
+// Entry points of the fuzz targets in fuzz/ (tests and the `fuzzing` feature only).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
+
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
@@ -426,7 +431,7 @@ fn scheme_of(url: &str) -> Option<&str> {
 // ---------------------------------------------------------------------------------------------
 
 /// One parsed and validated http(s) URL.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Target {
     https: bool,
     /// Lower-cased host without brackets.
@@ -604,26 +609,33 @@ async fn open_http(
             return Err(FetchError::TooManyRedirects { url: start, max: policy.max_redirects });
         }
         redirects += 1;
-        let next_url = resolve_location(&target, &location);
-        let refuse = |reason: String| FetchError::BadRedirect { from: target.display(), to: redact(&next_url), reason };
-        let next = match scheme_of(&next_url) {
-            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => parse_target(&next_url)
-                .map_err(|e| match e {
-                    FetchError::BadUrl { reason, .. } => refuse(format!("the new URL is invalid: {reason}")),
-                    other => other,
-                })?,
-            Some(s) if s.eq_ignore_ascii_case("file") => {
-                return Err(refuse("redirects to file:// are never followed".into()));
-            }
-            Some(s) => return Err(refuse(format!("unsupported URL scheme {}", s.to_ascii_lowercase()))),
-            None => return Err(refuse("the Location is not a valid URL".into())),
-        };
-        if target.https && !next.https {
-            return Err(refuse("it downgrades https to plain http; use a source whose redirects stay on https".into()));
-        }
+        let next = redirect_target(&target, &location)?;
         tracing::debug!(from = %target.display(), to = %next.display(), %status, "following redirect");
         target = next;
     }
+}
+
+/// Where a redirect from `target` with this `Location` leads, parsed and checked before any
+/// connection: http(s) only (never `file://`), and never from https down to plain http.
+fn redirect_target(target: &Target, location: &str) -> Result<Target, FetchError> {
+    let next_url = resolve_location(target, location);
+    let refuse = |reason: String| FetchError::BadRedirect { from: target.display(), to: redact(&next_url), reason };
+    let next = match scheme_of(&next_url) {
+        Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => parse_target(&next_url)
+            .map_err(|e| match e {
+                FetchError::BadUrl { reason, .. } => refuse(format!("the new URL is invalid: {reason}")),
+                other => other,
+            })?,
+        Some(s) if s.eq_ignore_ascii_case("file") => {
+            return Err(refuse("redirects to file:// are never followed".into()));
+        }
+        Some(s) => return Err(refuse(format!("unsupported URL scheme {}", s.to_ascii_lowercase()))),
+        None => return Err(refuse("the Location is not a valid URL".into())),
+    };
+    if target.https && !next.https {
+        return Err(refuse("it downgrades https to plain http; use a source whose redirects stay on https".into()));
+    }
+    Ok(next)
 }
 
 /// Aborts the task driving an HTTP connection when the response (or its body stream) is dropped.
@@ -855,15 +867,9 @@ pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFil
     if !policy.allow_file || policy.file_roots.is_empty() {
         return Err(FetchError::FileDisabled);
     }
-    let path = file_url_path(url)?;
+    let path = local_path(url)?;
     let refuse =
         |path: &Path, reason: &str| FetchError::FileRefused { path: path.to_path_buf(), reason: reason.into() };
-    if !path.is_absolute() {
-        return Err(refuse(&path, "the path must be absolute (file:///path/to/image)"));
-    }
-    if path.components().any(|c| c == Component::ParentDir) {
-        return Err(refuse(&path, "the path contains a '..' component; use a plain absolute path"));
-    }
     let open_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| FetchError::FileOpen { path, source }
@@ -934,6 +940,20 @@ async fn read_chunk(file: &mut tokio::fs::File) -> io::Result<Bytes> {
         }
     }
     Ok(buf.freeze())
+}
+
+/// The path of a `file:` URL as [`open_local_file`] checks it before touching the filesystem:
+/// absolute, without a `..` component.
+fn local_path(url: &str) -> Result<PathBuf, FetchError> {
+    let path = file_url_path(url)?;
+    let refuse = |reason: &str| FetchError::FileRefused { path: path.clone(), reason: reason.into() };
+    if !path.is_absolute() {
+        return Err(refuse("the path must be absolute (file:///path/to/image)"));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(refuse("the path contains a '..' component; use a plain absolute path"));
+    }
+    Ok(path)
 }
 
 /// The local path of a `file:` URL (`file:///p`, `file://localhost/p` or `file:/p`), percent-decoded.

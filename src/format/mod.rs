@@ -28,6 +28,11 @@ mod vpc;
 #[cfg(test)]
 mod tests;
 
+// Entry points of the fuzz targets in fuzz/ (tests and the `fuzzing` feature only).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
+
 /// Image file formats we detect. `Display` gives the API spelling: Raw, Qcow2, Vmdk, Vhd, Vhdx,
 /// Vdi, Iso.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

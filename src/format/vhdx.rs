@@ -49,6 +49,9 @@ const MAX_BAT_CHECK: u64 = 64 << 20;
 const MAX_LOG_SCAN: u64 = 64 << 20;
 /// Log entries up to this length get their checksum checked.
 const MAX_READ_ENTRY: u64 = 2 << 20;
+/// How many bytes of log entries whose checksums fail are read before the log is called
+/// damaged: every sector of a crafted log can claim an entry of up to [`MAX_READ_ENTRY`].
+const MAX_LOG_CHECK: u64 = 8 << 20;
 
 /// A GUID in the on-disk (Microsoft) byte order.
 pub(crate) const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
@@ -109,11 +112,13 @@ fn check_headers(src: &mut Src<'_>) -> Result<(), FormatError> {
 }
 
 /// Whether the log holds a valid entry of the current log GUID, which qemu would have to
-/// replay (and refuses to, on a read-only open). Scans at most [`MAX_LOG_SCAN`] bytes.
+/// replay (and refuses to, on a read-only open). Scans at most [`MAX_LOG_SCAN`] bytes and
+/// checks the checksums of at most [`MAX_LOG_CHECK`] bytes of entries.
 fn log_has_entries(src: &mut Src<'_>, log_guid: &[u8; 16], offset: u64, length: u64) -> Result<bool, FormatError> {
     const CHUNK: u64 = 1 << 20;
     const SECTOR: u64 = 4096;
     let scan = length.min(MAX_LOG_SCAN);
+    let mut checked = 0u64;
     let mut pos = 0u64;
     // Bounded: at most MAX_LOG_SCAN / CHUNK chunks.
     while pos < scan {
@@ -131,6 +136,13 @@ fn log_has_entries(src: &mut Src<'_>, log_guid: &[u8; 16], offset: u64, length: 
             if entry_length > MAX_READ_ENTRY {
                 // Too big to check its checksum here: take it as valid.
                 return Ok(true);
+            }
+            checked += entry_length;
+            if checked > MAX_LOG_CHECK {
+                return Err(FormatError::corrupt(format!(
+                    "the vhdx log holds more than {} of damaged entries",
+                    human(MAX_LOG_CHECK)
+                )));
             }
             let entry = src.read_upto(at, entry_length as usize)?;
             if entry.len() as u64 == entry_length && checksum_ok(&entry) {
@@ -360,8 +372,8 @@ static CRC32C: [u32; 256] = {
     t
 };
 
-/// For test image builders: the crc32c of `data`.
-#[cfg(test)]
+/// For test image builders and the fuzz targets' checksum repair: the crc32c of `data`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn crc32c(data: &[u8]) -> u32 {
     !data.iter().fold(!0u32, |crc, &b| CRC32C[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8))
 }

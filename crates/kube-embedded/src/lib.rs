@@ -9,6 +9,10 @@
 //! - [`selector`]: label and field selectors.
 
 mod errors;
+// Entry points of the fuzz targets in the repository's fuzz/ (the `fuzzing` feature only).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod managed;
 mod openapi;
 pub mod patch;
