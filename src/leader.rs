@@ -241,6 +241,7 @@ async fn until(leading: &mut tokio::sync::watch::Receiver<bool>, leads: bool) ->
 /// Runs the controllers whenever this candidate holds the Lease, until `shutdown` resolves.
 /// Losing the Lease stops the controllers at once (no graceful wait: another leader may start);
 /// `shutdown` stops them gracefully (byte moves in flight are cancelled) and releases the Lease.
+/// A candidate that is dropped (a test's dead process) takes its controllers with it.
 ///
 /// The election runs on a thread of its own with its own runtime, and with the client that
 /// `lease_client` makes there (its own connections): however busy the controllers keep this
@@ -276,15 +277,16 @@ pub async fn run(
             _ = shutdown.clone() => break,
             elector_alive = until(&mut leading, true) => if !elector_alive { return },
         }
-        let mut controllers = tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone()));
+        let mut controllers =
+            controllers::AbortOnDrop(tokio::spawn(controllers::run(client.clone(), config.clone(), shutdown.clone())));
         tokio::select! {
             _ = until(&mut leading, false) => {
-                controllers.abort();
-                let _ = (&mut controllers).await;
+                controllers.0.abort();
+                let _ = (&mut controllers.0).await;
                 config.readiness.set(false);
             }
             _ = shutdown.clone() => {
-                let _ = (&mut controllers).await;
+                let _ = (&mut controllers.0).await;
                 break;
             }
         }

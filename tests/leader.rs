@@ -3,7 +3,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use ims_operator::{
     api::{Image, ImagePhase, Region},
@@ -18,14 +24,18 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 /// Serves `size` bytes; the first response pauses half-way for `pause` (the leader dies then).
-async fn slow_server(size: usize, pause: Duration) -> std::net::SocketAddr {
+/// Counts the requests it has answered the first half of.
+async fn slow_server(size: usize, pause: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
     tokio::spawn(async move {
         let mut first = true;
         while let Ok((mut stream, _)) = listener.accept().await {
             let pause = if std::mem::take(&mut first) { pause } else { Duration::ZERO };
+            let count = count.clone();
             tokio::spawn(async move {
                 let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -39,12 +49,13 @@ async fn slow_server(size: usize, pause: Duration) -> std::net::SocketAddr {
                 let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(&body[..size / 2]).await;
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(pause).await;
                 let _ = stream.write_all(&body[size / 2..]).await;
             });
         }
     });
-    addr
+    (addr, answered)
 }
 
 async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
@@ -82,7 +93,7 @@ scenarios! {
         assert_eq!(holder(&leases, &lease_name).await.as_deref(), Some("a"), "the second stands by");
 
         let size = 6 << 20;
-        let addr = slow_server(size, Duration::from_secs(30)).await;
+        let (addr, answered) = slow_server(size, Duration::from_secs(30)).await;
         let regions: Api<Region> = Api::all(env.client.clone());
         let r = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": region_name}, "spec": {"storage": {"url": format!("file:///var/lib/ims/{region_name}")}}});
         regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(r)).await.unwrap();
@@ -94,6 +105,12 @@ scenarios! {
             i.and_then(|i| i.status.as_ref()).is_some_and(|s| s.phase == Some(ImagePhase::Saving))
         })
         .await;
+        // The leader has the paused first response (else the standby would get it, and wait).
+        for _ in 0..200 {
+            if answered.load(Ordering::SeqCst) > 0 { break }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), 1, "the leader is mid-import");
         // The leader dies mid-import (no graceful shutdown, no lease release).
         a.abort();
         let _ = a.await;

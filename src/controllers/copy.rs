@@ -50,14 +50,14 @@ async fn reconcile(copy: Arc<ImageCopy>, ctx: Arc<Context>) -> Result<Action, Er
     let _timer = ctx.config.metrics.reconcile("copy");
     let Some(namespace) = copy.namespace() else { return Ok(Action::await_change()) };
     let api: Api<ImageCopy> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, CLEANUP_FINALIZER, copy, |event| async {
+    let outcome = finalizer(&api, CLEANUP_FINALIZER, copy, |event| async {
         match event {
             Event::Apply(copy) => apply(copy, &ctx).await,
             Event::Cleanup(copy) => cancel(copy, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .await;
+    super::error::finalizer_outcome(outcome)
 }
 
 /// Whether a copy is over (Succeeded or Failed).

@@ -1,5 +1,7 @@
 //! The errors of a reconcile.
 
+use kube::runtime::{controller::Action, finalizer};
+
 /// Errors of a reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,5 +36,25 @@ impl Error {
             Error::InUse(_) => "in_use",
             Error::Transient(_) => "transient",
         }
+    }
+}
+
+/// The outcome of a reconcile behind the `ims.io/cleanup` finalizer (kube's `finalizer` helper).
+/// A finalizer write refused only because the cached object it was decided on is behind the API
+/// server's is no failure: the guarding `test` of the finalizers no longer holds (422 without
+/// field causes: they were added or removed meanwhile, by this controller a moment ago or by a
+/// previous leader), or the object is already gone (404: its deletion completed). The change
+/// that made the cache stale comes through the watch and runs the object again; logging it as a
+/// failed reconcile and backing off (as every busy start-up or takeover did) would be wrong.
+pub fn finalizer_outcome(result: Result<Action, finalizer::Error<Error>>) -> Result<Action, Error> {
+    match result {
+        Err(
+            finalizer::Error::AddFinalizer(kube::Error::Api(s))
+            | finalizer::Error::RemoveFinalizer(kube::Error::Api(s)),
+        ) if s.code == 404 || (s.code == 422 && s.details.as_ref().is_none_or(|d| d.causes.is_empty())) => {
+            tracing::debug!(code = s.code, "finalizer write on a stale copy of the object: its change is on its way");
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
     }
 }

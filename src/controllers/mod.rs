@@ -30,7 +30,7 @@ pub(crate) use context::{test_api, test_image};
 pub use error::Error;
 pub use moves::{Moves, Moving};
 pub use watches::run;
-pub(crate) use watches::{controller, stopping_on};
+pub(crate) use watches::{AbortOnDrop, controller, stopping_on};
 
 /// A shutdown trigger every controller can await.
 pub type Shutdown = futures::future::Shared<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>;

@@ -298,7 +298,18 @@ async fn refresh_gauges(ctx: Arc<Context>) {
     }
 }
 
-/// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
+/// A spawned task that is aborted when this guard is dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs every controller until `shutdown` resolves; in-flight reconciles finish first. Dropped
+/// (the leader election aborts it when the Lease is lost), it stops at once and takes what it
+/// spawned with it: the watch caches and the gauges.
 pub async fn run(
     client: Client,
     config: Config,
@@ -342,8 +353,13 @@ pub async fn run(
         let mut seen = HashMap::new();
         move |event, regions| on_region(event, &mut seen, regions, &images, &copies, &t)
     });
-    let caches =
-        tokio::spawn(futures::future::join_all([images_task, shares_task, namespaces_task, regions_task, copies_task]));
+    let _caches = AbortOnDrop(tokio::spawn(futures::future::join_all([
+        images_task,
+        shares_task,
+        namespaces_task,
+        regions_task,
+        copies_task,
+    ])));
     let ready = async {
         let _ = futures::future::join5(
             images.wait_until_ready(),
@@ -356,7 +372,7 @@ pub async fn run(
     };
     tokio::select! {
         _ = ready => {}
-        _ = shutdown.clone() => { caches.abort(); return; }
+        _ = shutdown.clone() => return,
     }
     let ledger = ledger::Ledger::new(
         client.clone(),
@@ -397,11 +413,10 @@ pub async fn run(
         Box::pin(quota::run(ctx.clone(), shutdown.clone())),
     ];
     ctx.config.readiness.set(true);
-    let gauges = tokio::spawn(refresh_gauges(ctx.clone()));
+    let gauges = AbortOnDrop(tokio::spawn(refresh_gauges(ctx.clone())));
     futures::future::join_all(controllers).await;
-    gauges.abort();
+    drop(gauges);
     ctx.config.readiness.set(false);
-    caches.abort();
 }
 
 #[cfg(test)]
@@ -424,5 +439,32 @@ mod tests {
             let stopped = tokio::time::timeout(Duration::from_secs(30), run(client, config, shutdown)).await;
             assert!(stopped.is_ok(), "the controllers did not stop within 30 s of the shutdown");
         }
+    }
+
+    /// Controllers dropped at once, as the leader election does when the Lease is lost, leave
+    /// nothing of theirs running: the watch caches and the gauges (which hold the context, and
+    /// with it the ledger) used to run on, one more copy of every cache after each lost Lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controllers_dropped_at_once_leave_nothing_running() {
+        let config = Config::default();
+        let (readiness, metrics) = (config.readiness.clone(), config.metrics.clone());
+        let controllers = tokio::spawn(run(crate::api::embedded().client(), config, futures::future::pending()));
+        let started = tokio::time::timeout(Duration::from_secs(30), async {
+            while !readiness.get() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(started.await.is_ok(), "the controllers did not start");
+        assert!(Arc::strong_count(&metrics) > 1, "the running controllers hold the configuration");
+        controllers.abort();
+        let _ = controllers.await;
+        // An aborted task is dropped when it is next polled: give them a moment.
+        for _ in 0..100 {
+            if Arc::strong_count(&metrics) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(Arc::strong_count(&metrics), 1, "something the controllers spawned still runs");
     }
 }

@@ -227,9 +227,8 @@ async fn operator_identity(admin: &Client) -> Client {
     token_client(admin, "ims-system", "ims-operator").await
 }
 
-/// A client of the cluster of KUBECONFIG acting as ServiceAccount `namespace/account`, with a
-/// token from the TokenRequest API (an hour).
-pub async fn token_client(admin: &Client, namespace: &str, account: &str) -> Client {
+/// A token of ServiceAccount `namespace/account` from the TokenRequest API (an hour).
+pub async fn token(admin: &Client, namespace: &str, account: &str) -> String {
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::ServiceAccount,
@@ -239,13 +238,19 @@ pub async fn token_client(admin: &Client, namespace: &str, account: &str) -> Cli
         spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
         ..Default::default()
     };
-    let token = accounts
+    accounts
         .create_token_request(account, &PostParams::default(), &request)
         .await
         .unwrap_or_else(|e| panic!("a token of ServiceAccount {namespace}/{account}: {e}"))
         .status
         .and_then(|s| s.token)
-        .expect("a TokenRequest status with a token");
+        .expect("a TokenRequest status with a token")
+}
+
+/// A client of the cluster of KUBECONFIG acting as ServiceAccount `namespace/account`, with a
+/// token from the TokenRequest API (an hour).
+pub async fn token_client(admin: &Client, namespace: &str, account: &str) -> Client {
+    let token = token(admin, namespace, account).await;
     let mut config = kube::Config::infer().await.expect("the cluster of KUBECONFIG");
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
     Client::try_from(config).expect("a client with the token")

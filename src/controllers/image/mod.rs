@@ -76,15 +76,14 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error
         }
         return apply(image, &ctx, &api).await.inspect(|_| ctx.backoff.reset(&key));
     }
-    finalizer(&api, CLEANUP_FINALIZER, image, |event| async {
+    let outcome = finalizer(&api, CLEANUP_FINALIZER, image, |event| async {
         match event {
             Event::Apply(image) => apply(image, &ctx, &api).await,
             Event::Cleanup(image) => cleanup(image, &ctx, &api).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-    .inspect(|_| ctx.backoff.reset(&key))
+    .await;
+    super::error::finalizer_outcome(outcome).inspect(|_| ctx.backoff.reset(&key))
 }
 
 async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageStatus) -> Result<(), Error> {
@@ -465,6 +464,36 @@ mod tests {
         let (_, copies) = message(Answer::NoCrossRegionSlot { limit: 0 });
         assert!(copies.contains("concurrentCrossRegionCopies is 0"), "{copies}");
         assert!(waiting(Answer::Started, "t").is_none());
+    }
+
+    /// Reconciles of a cached copy behind the API server's are no failures: the finalizer this
+    /// controller added a moment ago is not in the cache yet (the guarded add is refused), or the
+    /// image's deletion completed and the cache still shows it deleting (the removal finds it
+    /// gone). Both used to fail the reconcile (a warning and a backoff), as busy start-ups and
+    /// takeovers in the chaos run showed.
+    #[tokio::test]
+    async fn a_stale_cached_copy_of_an_image_is_no_failure() {
+        let (client, _) = crate::controllers::test_api(&["t"]).await;
+        let api: Api<Image> = Api::namespaced(client.clone(), "t");
+        let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
+            "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
+        let cached = api.create(&PostParams::default(), &serde_json::from_value(image).unwrap()).await.unwrap();
+        let mut live = cached.clone();
+        live.metadata.finalizers = Some(vec![CLEANUP_FINALIZER.into()]);
+        let live = api.replace("i", &PostParams::default(), &live).await.unwrap();
+        let (ctx, _) = Context::for_test(client);
+        let ctx = Arc::new(ctx);
+        assert!(reconcile(Arc::new(cached), ctx.clone()).await.is_ok(), "the finalizer is there already");
+
+        let mut deleting = live.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        let mut gone = live;
+        gone.metadata.finalizers = None;
+        api.replace("i", &PostParams::default(), &gone).await.unwrap();
+        api.delete("i", &Default::default()).await.unwrap();
+        assert!(api.get_opt("i").await.unwrap().is_none());
+        assert!(reconcile(Arc::new(deleting), ctx).await.is_ok(), "its deletion completed already");
     }
 
     /// An operator that just started (or took over the lease) has not probed the region yet:
