@@ -258,6 +258,24 @@ fn schema_fragments() {
             vec!["o.a: Required value: a please", r#"o: Duplicate value"#],
         ),
         (
+            "a null nullable field is absent to CEL",
+            object(
+                json!({"o": {"type": "object", "properties": {"a": {"type": "string", "nullable": true}, "b": {"type": "string"}},
+                "x-kubernetes-validations": [{"rule": "has(self.a) || has(self.b)", "message": "a or b please"}]}}),
+            ),
+            json!({"o": {"a": null}}),
+            None,
+            vec!["o: Invalid value: a or b please"],
+        ),
+        (
+            "a null map value is there",
+            object(json!({"m": {"type": "object", "additionalProperties": {"type": "string", "nullable": true},
+                "x-kubernetes-validations": [{"rule": "has(self.k)", "message": "k please"}]}})),
+            json!({"m": {"k": null}}),
+            None,
+            vec![],
+        ),
+        (
             "runtime error",
             object(json!({"o": {"type": "object", "properties": {"x": {"type": "integer"}},
                 "x-kubernetes-validations": [{"rule": "self.x > 0"}]}})),
