@@ -181,6 +181,22 @@ fn schema_fragments() {
             vec!["n: Invalid value: 1.0000005e+06: n in body should be less than or equal to 1e+06"],
         ),
         (
+            "a fraction and a number beyond int64 under type integer, as kube-apiserver",
+            object(json!({"i": {"type": "integer", "format": "int64", "maximum": 100}, "j": {"type": "integer"},
+                "k": {"type": "integer", "format": "int32"}, "f": {"type": "number", "format": "float"}})),
+            json!({"i": 1e19, "j": 1.5, "k": 3_000_000_000i64, "f": 1e39}),
+            None,
+            vec![
+                r#"<nil>: Invalid value: "": Checked value must be of type number with format float in f"#,
+                r#"i: Invalid value: "float64": i in body must be of type int64: "float64""#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer with format int64 in i"#,
+                "i: Invalid value: 1e+19: i in body should be less than or equal to 100",
+                r#"j: Invalid value: "number": j in body must be of type integer: "number""#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer in j"#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer with format int32 in k"#,
+            ],
+        ),
+        (
             "multipleOf",
             object(json!({"k": {"type": "integer", "multipleOf": 5}})),
             json!({"k": 7}),
