@@ -307,6 +307,7 @@ fn real_crds_answer_like_kube_apiserver() {
             with(image(), &[("spec.minDiskGiB", Some(json!(1.5)))]),
             &[
                 r#"spec.minDiskGiB: Invalid value: "float64": spec.minDiskGiB in body must be of type int64: "float64""#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer with format int64 in spec.minDiskGiB"#,
                 SKIPPED,
             ],
         ),

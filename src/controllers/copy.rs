@@ -185,6 +185,19 @@ fn copies_ahead(ctx: &Context, copy: &ImageCopy, namespace: &str) -> usize {
         .count()
 }
 
+/// What a cross-region copy waiting for its turn shows: with a limit of 0 no copy ahead
+/// will finish and free a place, so the message says that raising the limit is the way.
+fn concurrency_message(namespace: &str, ahead: usize, limit: usize) -> String {
+    if limit == 0 {
+        return format!(
+            "no cross-region copies may run in namespace {namespace}: concurrentCrossRegionCopies is 0; raise it in ImageQuota default (spec.concurrentCrossRegionCopies) and the copy starts"
+        );
+    }
+    format!(
+        "{ahead} older cross-region copies of namespace {namespace} are in flight or waiting (concurrentCrossRegionCopies {limit}); this one starts when one finishes (first come, first served)"
+    )
+}
+
 async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
     let namespace = copy.namespace().unwrap_or_default();
     if finished(&copy) {
@@ -236,9 +249,7 @@ async fn apply(copy: Arc<ImageCopy>, ctx: &Context) -> Result<Action, Error> {
                 let limit = limits(&spec, &ctx.config.policy).concurrent_cross_region_copies.max(0) as usize;
                 let ahead = copies_ahead(ctx, &copy, &namespace);
                 if ahead >= limit {
-                    let message = format!(
-                        "{ahead} older cross-region copies of namespace {namespace} are in flight or waiting (concurrentCrossRegionCopies {limit}); this one starts when one finishes (first come, first served)"
-                    );
+                    let message = concurrency_message(&namespace, ahead, limit);
                     write(ctx, &copy, &with_phase(&copy, CopyPhase::Pending, Reason::ConcurrencyLimit, &message))
                         .await?;
                     return Ok(Action::requeue(RECHECK));
@@ -383,6 +394,17 @@ mod tests {
     fn ready(copy: &ImageCopy) -> (Option<CopyPhase>, String) {
         let status = copy.status.clone().unwrap_or_default();
         (status.phase, ready_reason(&status.conditions).unwrap_or_default().to_string())
+    }
+
+    /// A wait for a cross-region place says what ends it: with a limit of 0 no copy ahead
+    /// finishes to free one, and the message says to raise the limit instead.
+    #[test]
+    fn a_concurrency_wait_says_what_ends_it() {
+        let none = concurrency_message("t", 0, 0);
+        assert!(none.contains("concurrentCrossRegionCopies is 0") && none.contains("raise it"), "{none}");
+        assert!(!none.contains("when one finishes"), "{none}");
+        let some = concurrency_message("t", 5, 5);
+        assert!(some.starts_with("5 older cross-region copies") && some.contains("when one finishes"), "{some}");
     }
 
     /// The copy's own status write can re-run it before the Image watch has delivered the

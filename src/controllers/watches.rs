@@ -316,6 +316,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown: Shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    // File imports never read the region stores: other tenants' bytes are there.
+    let mut config = config;
+    config.fetch.file_denied.push(config.stores.file_dir.clone());
     // Not ready until every watch cache has synced.
     config.readiness.set(false);
     let references = Arc::new(index::Index::new(index::reference_target));

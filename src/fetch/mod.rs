@@ -58,11 +58,16 @@ const USER_AGENT: &str = "ims-operator";
 /// uses a 10 s connect timeout and a 60 s read timeout.
 #[derive(Clone, Debug)]
 pub struct FetchPolicy {
-    /// Whether `file://` sources are allowed (operator flag `--allow-file-imports`).
+    /// Whether `file://` sources are allowed (operator flags `--file-import-roots`,
+    /// `--allow-file-imports`).
     pub allow_file: bool,
     /// `file://` paths must (after resolving symlinks) lie under one of these; with none, no
     /// `file://` source is read even when `allow_file` is set.
     pub file_roots: Vec<PathBuf>,
+    /// Directories no `file://` import reads from, whatever `file_roots` say: the operator's
+    /// own `file://` region stores (other tenants' bytes are there; the controllers add them).
+    /// The kernel's file systems ([`KERNEL_FILE_SYSTEMS`]) are never read either.
+    pub file_denied: Vec<PathBuf>,
     /// Addresses inside these blocks are allowed even if private, loopback, etc.
     /// (operator flag `--import-allow-cidrs`).
     pub allow_cidrs: Vec<Cidr>,
@@ -81,6 +86,7 @@ impl Default for FetchPolicy {
         FetchPolicy {
             allow_file: false,
             file_roots: Vec::new(),
+            file_denied: Vec::new(),
             allow_cidrs: Vec::new(),
             max_redirects: DEFAULT_MAX_REDIRECTS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -842,6 +848,24 @@ fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>,
 // file
 // ---------------------------------------------------------------------------------------------
 
+/// File systems of the kernel, never an image file: `/proc` holds the operator's environment
+/// and memory, `/sys` and `/dev` its devices. `file://` imports never read them.
+pub const KERNEL_FILE_SYSTEMS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Why `path` may never be read by a file import, whatever the roots: it is in a kernel file
+/// system, or in one of `denied` (the operator's region stores).
+fn never_read(path: &Path, denied: &[PathBuf]) -> Option<&'static str> {
+    if KERNEL_FILE_SYSTEMS.iter().any(|k| path.starts_with(k)) {
+        return Some("it is in a kernel file system (/proc, /sys or /dev), not an image file");
+    }
+    if denied.iter().any(|d| path.starts_with(d)) {
+        return Some(
+            "it is inside the operator's region stores, which file imports never read; copy an image of your namespace with an ImageCopy",
+        );
+    }
+    None
+}
+
 /// A `file://` source, checked and opened: what [`open_local_file`] returns.
 #[derive(Debug)]
 pub struct LocalFile {
@@ -897,11 +921,25 @@ pub async fn open_local_file(url: &str, policy: &FetchPolicy) -> Result<LocalFil
     if !roots.iter().any(|r| path.starts_with(r)) {
         return Err(outside("it is not under"));
     }
+    // The denied directories as configured and as resolved, like the roots.
+    let mut denied = Vec::with_capacity(policy.file_denied.len() * 2);
+    for dir in &policy.file_denied {
+        denied.push(dir.clone());
+        if let Ok(resolved) = tokio::fs::canonicalize(dir).await {
+            denied.push(resolved);
+        }
+    }
+    if let Some(reason) = never_read(&path, &denied) {
+        return Err(refuse(&path, reason));
+    }
     let canonical = tokio::fs::canonicalize(&path).await.map_err(open_err(&path))?;
-    // A symbolic link that leads out of the roots: refused, naming the path given, not where
-    // the link leads.
+    // A symbolic link that leads out of the roots, or to what is never read: refused, naming
+    // the path given, not where the link leads.
     if !roots.iter().any(|r| canonical.starts_with(r)) {
         return Err(outside("it leads (through a symbolic link) outside"));
+    }
+    if let Some(reason) = never_read(&canonical, &denied) {
+        return Err(refuse(&path, reason));
     }
     // Checked before opening, so a FIFO or device is never opened (opening a FIFO blocks).
     let meta = tokio::fs::metadata(&canonical).await.map_err(open_err(&canonical))?;

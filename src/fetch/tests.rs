@@ -1001,6 +1001,49 @@ async fn file_paths_checked() {
     assert!(matches!(err, FetchError::BadUrl { .. }), "{err:?}");
 }
 
+/// Where file imports are allowed without a root (`run --allow-file-imports`), the kernel's
+/// file systems and the denied directories (the region stores) are still never read, spelled
+/// directly or reached through a link, and a refusal names the path given.
+#[tokio::test]
+async fn kernel_file_systems_and_the_stores_are_never_read() {
+    let dir = TempDir::new();
+    let stores = dir.0.join("stores");
+    let images = dir.0.join("images");
+    std::fs::create_dir_all(stores.join("r/t/i/uid")).expect("mkdir");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    std::fs::write(stores.join("r/t/i/uid/disk"), b"another tenant's bytes").expect("write");
+    std::fs::write(images.join("ok.img"), b"mine").expect("write");
+    // The widest roots a fetch policy can have (`run` refuses `/`; a root may hold a store).
+    let policy = FetchPolicy {
+        allow_file: true,
+        file_roots: vec!["/".into()],
+        file_denied: vec![stores.clone()],
+        ..FetchPolicy::default()
+    };
+    let source = open(&file_url(&images.join("ok.img")), &policy).await.expect("any other file");
+    assert_eq!(collect(source).await.expect("read"), b"mine");
+    for (url, says) in [
+        ("file:///proc/self/environ".to_string(), "kernel file system"),
+        ("file:///sys/kernel/missing".to_string(), "kernel file system"),
+        ("file:///dev/zero".to_string(), "kernel file system"),
+        (file_url(&stores.join("r/t/i/uid/disk")), "region stores"),
+        (file_url(&stores.join("r/t/i/missing")), "region stores"),
+    ] {
+        let err = open(&url, &policy).await.expect_err(&url);
+        assert!(matches!(err, FetchError::FileRefused { .. }) && err.to_string().contains(says), "{url}: {err}");
+        assert!(!err.is_transient());
+    }
+    #[cfg(unix)]
+    for (link, target) in
+        [("environ.img", std::path::PathBuf::from("/proc/self/environ")), ("theirs.img", stores.join("r/t/i/uid/disk"))]
+    {
+        std::os::unix::fs::symlink(&target, images.join(link)).expect("symlink");
+        let err = open(&file_url(&images.join(link)), &policy).await.expect_err(link);
+        assert!(matches!(err, FetchError::FileRefused { .. }), "{link}: {err:?}");
+        assert!(err.to_string().contains(link) && !err.to_string().contains(target.to_str().unwrap()), "{link}: {err}");
+    }
+}
+
 /// One redaction for every text a user sees: credentials, query strings and fragments go.
 #[test]
 fn redaction_hides_credentials_tokens_and_fragments() {

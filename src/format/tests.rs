@@ -570,6 +570,26 @@ fn synthetic_vmdk() {
     // Without its footer it is truncated.
     let e = detect_bytes(&img[..n - 1536]).unwrap_err();
     assert!(matches!(e, FormatError::Truncated { .. }), "{e}");
+    // A grain table or a grain past the end: cut short (the directory is at sector 21, the
+    // first grain table put at sector 22).
+    let mut img = build::vmdk(2048, false, false);
+    img[21 * 512..21 * 512 + 4].copy_from_slice(&5000u32.to_le_bytes());
+    let e = detect_bytes(&img).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("vmdk image is truncated: the file is 65536 bytes, a grain table lies at bytes 2560000"),
+        "{e}"
+    );
+    img[21 * 512..21 * 512 + 4].copy_from_slice(&22u32.to_le_bytes());
+    assert!(detect_bytes(&img).is_ok(), "an empty grain table");
+    img[22 * 512 + 8..22 * 512 + 12].copy_from_slice(&1000u32.to_le_bytes());
+    let e = detect_bytes(&img).unwrap_err();
+    assert!(
+        e.to_string().starts_with("vmdk image is truncated: the file is 65536 bytes, a grain lies at bytes 512000"),
+        "{e}"
+    );
+    img[22 * 512 + 8..22 * 512 + 12].copy_from_slice(&1u32.to_le_bytes());
+    assert!(detect_bytes(&img).is_ok(), "a zeroed grain is no location");
     // A parent makes it not self-contained.
     let mut img = build::vmdk(2048, false, false);
     let hint = b"parentFileNameHint=\"base.vmdk\"\n";
@@ -988,6 +1008,27 @@ fn qemu_vmdk() {
             ),
         ],
     );
+}
+
+/// A vmdk made by qemu-img and cut in half keeps its grain tables (at the start) but loses
+/// grains they point to: truncated, not a disk of zeros.
+#[test]
+fn qemu_vmdk_cut_short() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("vmdk-cut");
+    data_raw(&dir.path("data.raw"), DATA_SIZE);
+    for (file, opts) in [("a.vmdk", "subformat=monolithicSparse"), ("b.vmdk", "subformat=streamOptimized")] {
+        qemu_img(&dir, &["convert", "-O", "vmdk", "-o", opts, "data.raw", file]);
+        let bytes = std::fs::read(dir.path(file)).unwrap();
+        assert!(detect_bytes(&bytes).is_ok(), "{opts}: whole");
+        let e = detect_bytes(&bytes[..bytes.len() / 2]).unwrap_err();
+        assert!(
+            matches!(e, FormatError::Truncated { .. }) && e.to_string().contains("a grain lies at bytes"),
+            "{opts}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -27,6 +27,10 @@ const MAX_DESC: usize = 64 << 10;
 const MAX_GTES: u32 = 512;
 const MAX_GRAIN_SECTORS: u64 = 0x20_0000;
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 4;
+/// The grain tables are checked (see `check_grains`) while there are at most this many and
+/// they lie within this many bytes (those of a 1 TiB disk of 64 KiB grains, as qemu writes it).
+const MAX_GTS: usize = 1 << 16;
+const MAX_GT_SPAN: u64 = 64 << 20;
 
 /// The createType values we name as variants.
 const CREATE_TYPES: &[&str] = &[
@@ -154,6 +158,8 @@ pub(crate) fn detect_sparse(src: &mut Src<'_>, head: &[u8]) -> Result<Detected, 
         }
     }
 
+    check_grains(src, &h)?;
+
     let variant = desc
         .as_deref()
         .and_then(|d| descriptor_value(d, "createType"))
@@ -164,6 +170,75 @@ pub(crate) fn detect_sparse(src: &mut Src<'_>, head: &[u8]) -> Result<Detected, 
             "monolithicSparse"
         });
     Ok(Detected { format: Format::Vmdk, virtual_size, variant: Some(variant) })
+}
+
+/// The grain directory, every grain table it points to, and every grain those point to must
+/// start within the file (as `qemu-img check` has it): a sparse vmdk cut short loses its later
+/// grains, which qemu then reads as zeros or fails on. The directory is read whole (at most
+/// 32 MiB, capped above); the grain tables only when they lie within [`MAX_GT_SPAN`] bytes of
+/// each other and are at most [`MAX_GTS`] (qemu writes them next to each other after the
+/// directory), so the reads stay bounded.
+fn check_grains(src: &mut Src<'_>, h: &Header) -> Result<(), FormatError> {
+    const CHUNK: u64 = 1 << 20;
+    let size = src.size;
+    let truncated = |what: &str, start: u64, end: u64| {
+        FormatError::truncated(format!(
+            "vmdk image is truncated: the file is {size} bytes, {what} lies at bytes {start} to {end}"
+        ))
+    };
+    let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
+    let gd_entries = h.capacity.div_ceil(u64::from(h.num_gtes_per_gt) * h.granularity);
+    let gd_bytes = gd_entries * 4;
+    let gd_start = h.gd_offset.saturating_mul(512);
+    if gd_start.saturating_add(gd_bytes) > size {
+        return Err(truncated("its grain directory", gd_start, gd_start.saturating_add(gd_bytes)));
+    }
+    let mut tables = Vec::new();
+    let mut too_many = false;
+    let mut pos = 0u64;
+    // Bounded: gd_bytes <= MAX_L1_ENTRIES * 4 (32 MiB), so at most 32 chunks.
+    while pos < gd_bytes {
+        let len = (gd_bytes - pos).min(CHUNK) as usize;
+        let buf = src.read_exact(gd_start + pos, len, "vmdk", "grain directory")?;
+        for e in buf.chunks_exact(4) {
+            let start = u64::from(le32(e, 0)) * 512;
+            if start == 0 {
+                continue;
+            }
+            if start + gt_bytes > size {
+                return Err(truncated("a grain table", start, start + gt_bytes));
+            }
+            if tables.len() < MAX_GTS {
+                tables.push(start);
+            } else {
+                too_many = true;
+            }
+        }
+        pos += len as u64;
+    }
+    tables.sort_unstable();
+    tables.dedup();
+    let (Some(&first), Some(&last)) = (tables.first(), tables.last()) else { return Ok(()) };
+    if too_many || last + gt_bytes - first > MAX_GT_SPAN {
+        return Ok(());
+    }
+    // The tables in windows of up to CHUNK bytes: each byte of the span is read about once.
+    let mut window: (u64, Vec<u8>) = (0, Vec::new());
+    for start in tables {
+        if start < window.0 || start + gt_bytes > window.0 + window.1.len() as u64 {
+            let len = (last + gt_bytes - start).clamp(gt_bytes, CHUNK.max(gt_bytes)) as usize;
+            window = (start, src.read_exact(start, len, "vmdk", "grain table")?);
+        }
+        let from = (start - window.0) as usize;
+        for e in window.1[from..from + gt_bytes as usize].chunks_exact(4) {
+            // 0: not allocated; 1: a zeroed grain (VMDK4_GTE_ZEROED).
+            let grain = u64::from(le32(e, 0)) * 512;
+            if grain > 512 && grain >= size {
+                return Err(truncated("a grain", grain, grain + h.granularity * 512));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The embedded descriptor text, if the header names one.

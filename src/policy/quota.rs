@@ -254,9 +254,16 @@ pub fn settle(
                 if !has_room(used, ahead, limit) {
                     let region = &applicant.region;
                     let waiting = if used < limit { " and older images wait before it" } else { "" };
-                    let message = format!(
-                        "namespace {namespace} has {used}/{limit} images in region {region}{waiting}; it is admitted automatically when room appears (oldest first), or raise privateImagesPerRegion in ImageQuota default"
-                    );
+                    // With a limit of 0 no room ever appears: only raising it ends the wait.
+                    let message = if limit <= 0 {
+                        format!(
+                            "namespace {namespace} may hold no images in region {region}: privateImagesPerRegion is {limit}; raise it in ImageQuota default (spec.privateImagesPerRegion) and the image is admitted"
+                        )
+                    } else {
+                        format!(
+                            "namespace {namespace} has {used}/{limit} images in region {region}{waiting}; it is admitted automatically when room appears (oldest first), or raise privateImagesPerRegion in ImageQuota default"
+                        )
+                    };
                     answers[n] = if used < limit { Answer::InLine(message) } else { Answer::OverQuota(message) };
                     continue;
                 }
@@ -438,6 +445,20 @@ mod tests {
         assert!(matches!(&answers[3], Answer::OverQuota(_)));
         assert_eq!(names(&status), ["a", "b"]);
         assert_eq!(status.summary.as_deref(), Some("eu: 2/2 images"));
+    }
+
+    /// With a limit of 0 no room ever appears: the message says that raising it is the way,
+    /// not that the image is admitted when room appears.
+    #[test]
+    fn a_limit_of_zero_says_only_raising_it_helps() {
+        let mut status = ImageQuotaStatus::default();
+        let requests = [admit("a", 1)];
+        let line: Vec<InLine> = requests.iter().map(in_line).collect();
+        let answers = settle(&mut status, &hard(0, 40, 5), "t", &requests, &line);
+        let Answer::OverQuota(message) = &answers[0] else { panic!("{answers:?}") };
+        assert!(message.contains("privateImagesPerRegion is 0") && message.contains("raise it"), "{message}");
+        assert!(!message.contains("when room appears"), "{message}");
+        assert!(status.reservations.is_empty());
     }
 
     #[test]

@@ -234,6 +234,11 @@ pub(crate) fn to_cel(v: &Value, s: Option<&Node>, depth: usize) -> Cel {
             match s {
                 Some(s) if !s.properties.is_empty() || (s.additional.is_none() && !s.preserve_unknown) => {
                     for (k, x) in o {
+                        // An object with properties (not a map): a null-valued nullable field
+                        // is absent, as an optional field left out (`has()` is false).
+                        if x.is_null() && !s.properties.is_empty() {
+                            continue;
+                        }
                         let Some(name) = escape(k) else { continue };
                         m.insert(key(&name), to_cel(x, s.child_schema(k), depth + 1));
                     }
@@ -284,6 +289,7 @@ fn root_to_cel(v: &Value, s: &Node) -> Cel {
                 }
                 m.insert(key("metadata"), cel_map(meta));
             }
+            _ if x.is_null() => {}
             _ => {
                 if let (Some(child), Some(name)) = (s.properties.get(k), escape(k)) {
                     m.insert(key(&name), to_cel(x, Some(child), 1));

@@ -274,7 +274,32 @@ fn format_validator(s: &Node, st: &str, path: &str, out: &mut Vec<FieldError>) {
     }
 }
 
+/// `IsValueValidAgainstRange(val, type, format, "Checked", path)`: whether the value, written
+/// out as Go's `swag` does (`strconv.FormatFloat(f, 'f', -1, 64)` for a float), converts to the
+/// schema's numeric type and format. A fraction or a number beyond int64 under `type: integer`
+/// fails (besides the type error), as on kube-apiserver.
+fn range_error(s: &Node, k: Kind, path: &str) -> Option<FieldError> {
+    let text = match k {
+        Kind::Int(i) => i.to_string(),
+        // Rust's `{}` of an f64 is Go's 'f' with the shortest precision: no exponent.
+        Kind::Float(f) => format!("{f}"),
+        _ => return None,
+    };
+    let fits = match (s.ty.as_str(), s.vformat.as_str()) {
+        ("integer", "int32") => text.parse::<i32>().is_ok(),
+        ("integer", _) => text.parse::<i64>().is_ok(),
+        ("number", "float") => text.parse::<f64>().is_ok_and(|f| !f.is_finite() || (f as f32).is_finite()),
+        _ => true,
+    };
+    if fits {
+        return None;
+    }
+    let of_format = if s.vformat.is_empty() { String::new() } else { format!(" with format {}", s.vformat) };
+    Some(composite(format!("Checked value must be of type {}{of_format} in {path}", s.ty)))
+}
+
 fn number_validator(s: &Node, k: Kind, path: &str, out: &mut Vec<FieldError>) {
+    out.extend(range_error(s, k, path));
     let bad = number_value(k);
     let field = field_of(path);
     let mut multiple = Vec::new();

@@ -181,6 +181,22 @@ fn schema_fragments() {
             vec!["n: Invalid value: 1.0000005e+06: n in body should be less than or equal to 1e+06"],
         ),
         (
+            "a fraction and a number beyond int64 under type integer, as kube-apiserver",
+            object(json!({"i": {"type": "integer", "format": "int64", "maximum": 100}, "j": {"type": "integer"},
+                "k": {"type": "integer", "format": "int32"}, "f": {"type": "number", "format": "float"}})),
+            json!({"i": 1e19, "j": 1.5, "k": 3_000_000_000i64, "f": 1e39}),
+            None,
+            vec![
+                r#"<nil>: Invalid value: "": Checked value must be of type number with format float in f"#,
+                r#"i: Invalid value: "float64": i in body must be of type int64: "float64""#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer with format int64 in i"#,
+                "i: Invalid value: 1e+19: i in body should be less than or equal to 100",
+                r#"j: Invalid value: "number": j in body must be of type integer: "number""#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer in j"#,
+                r#"<nil>: Invalid value: "": Checked value must be of type integer with format int32 in k"#,
+            ],
+        ),
+        (
             "multipleOf",
             object(json!({"k": {"type": "integer", "multipleOf": 5}})),
             json!({"k": 7}),
@@ -256,6 +272,24 @@ fn schema_fragments() {
             json!({"o": {}}),
             None,
             vec!["o.a: Required value: a please", r#"o: Duplicate value"#],
+        ),
+        (
+            "a null nullable field is absent to CEL",
+            object(
+                json!({"o": {"type": "object", "properties": {"a": {"type": "string", "nullable": true}, "b": {"type": "string"}},
+                "x-kubernetes-validations": [{"rule": "has(self.a) || has(self.b)", "message": "a or b please"}]}}),
+            ),
+            json!({"o": {"a": null}}),
+            None,
+            vec!["o: Invalid value: a or b please"],
+        ),
+        (
+            "a null map value is there",
+            object(json!({"m": {"type": "object", "additionalProperties": {"type": "string", "nullable": true},
+                "x-kubernetes-validations": [{"rule": "has(self.k)", "message": "k please"}]}})),
+            json!({"m": {"k": null}}),
+            None,
+            vec![],
         ),
         (
             "runtime error",
