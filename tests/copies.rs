@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use ims_operator::api::{CopyPhase, Image, ImageCopy, ImagePhase, ImageQuota, Region};
+use ims_operator::api::{CopyPhase, Image, ImageCopy, ImagePhase, ImageQuota};
 use kube::{
     Api, ResourceExt,
     api::DeleteParams,
@@ -36,18 +36,9 @@ async fn two_regions(env: &Env, tag: &str) -> (String, String, String) {
     region(env, &b).await;
     env.start_operator();
     for name in [&a, &b] {
-        ready(env, name).await;
+        support::region_ready(env, name).await;
     }
     (ns, a, b)
-}
-
-async fn ready(env: &Env, name: &str) {
-    let regions: Api<Region> = Api::all(env.client.clone());
-    env.wait_for(&regions, name, |r: Option<&Region>| {
-        r.and_then(|r| r.status.as_ref())
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
-    .await;
 }
 
 fn image(name: &str, region: &str, url: &str, extra: Value) -> Value {

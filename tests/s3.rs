@@ -159,18 +159,6 @@ fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("IMS_REQUIRE_QEMU_IMG").is_none(),
-            "qemu-img is required (IMS_REQUIRE_QEMU_IMG is set) but was not found"
-        );
-        eprintln!("qemu-img is not installed: skipping this S3 scenario");
-    }
-    ok
-}
-
 /// A Secret with S3 credentials in the operator's namespace (which is created if missing).
 async fn credentials_secret(env: &Env, name: &str) {
     let namespaces: Api<Namespace> = Api::all(env.client.clone());
@@ -238,7 +226,7 @@ fn noise(len: usize) -> Vec<u8> {
 
 scenarios! {
     async fn an_s3_region_is_ready_and_images_land_in_the_bucket_and_leave_it(env: &Env) {
-        if !have_qemu_img() {
+        if !support::have_qemu_img() {
             return;
         }
         let Some(moto) = Moto::start().await else { return };

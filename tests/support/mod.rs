@@ -161,7 +161,12 @@ impl Env {
 
     /// Starts the operator's controllers in-process.
     pub fn start_operator(&self) {
-        let config = self.operator_config();
+        self.start_operator_with(self.operator_config());
+    }
+
+    /// Starts the operator's controllers in-process with `config` (e.g. [`Env::operator_config`]
+    /// with another fetch policy).
+    pub fn start_operator_with(&self, config: Config) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(controllers::run(self.operator_client.clone(), config, async move {
             let _ = rx.await;
@@ -379,4 +384,28 @@ where
 {
     let name = manifest["metadata"]["name"].as_str().expect("metadata.name").to_string();
     api.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(manifest)).await.expect("apply");
+}
+
+/// Waits until the Region is Ready.
+pub async fn region_ready(env: &Env, name: &str) {
+    let regions: Api<api::Region> = Api::all(env.client.clone());
+    env.wait_for(&regions, name, |r: Option<&api::Region>| {
+        r.and_then(|r| r.status.as_ref())
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await;
+}
+
+/// Whether `qemu-img` runs here; without it a scenario that needs it says so and skips, unless
+/// `IMS_REQUIRE_QEMU_IMG` is set (`.ci/run` sets it), which makes it fail.
+pub fn have_qemu_img() -> bool {
+    let ok = std::process::Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("IMS_REQUIRE_QEMU_IMG").is_none(),
+            "qemu-img is required (IMS_REQUIRE_QEMU_IMG is set) but was not found"
+        );
+        eprintln!("qemu-img is not installed: skipping this scenario");
+    }
+    ok
 }
