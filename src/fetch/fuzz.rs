@@ -137,7 +137,7 @@ fn redirect(t: &Target, location: &str) -> String {
     match redirect_target(t, location) {
         Ok(n) => {
             check_target(&n);
-            assert!(!(t.https && !n.https), "{t:?} -> {n:?}: https down to http");
+            assert!(!t.https || n.https, "{t:?} -> {n:?}: https down to http");
             if relative {
                 assert_eq!((&n.host, n.port, n.https), (&t.host, t.port, t.https), "{location:?} left the host");
             }
