@@ -778,7 +778,7 @@ scenarios! {
             case(name, url_spec(&r, url, json!({})), ImagePhase::Failed, "SourceUnreachable", says)
         };
         let at = |path: &str| format!("http://{allowed}/{path}");
-        const FILES_OFF: &str = "file:// sources are disabled; the operator allows them with --allow-file-imports";
+        const FILES_OFF: &str = "file:// sources are disabled; the operator allows them from the directories of --file-import-roots";
         const GUARD: &str = "imports may only reach public addresses unless the operator allow-lists them with --import-allow-cidrs";
         let loopback = "127.0.0.1 is a loopback address";
         let metadata = "169.254.169.254 is a link-local address (cloud metadata)";
@@ -914,11 +914,12 @@ scenarios! {
         let stored = env.wait_for(&images_api, "ok-local", reason_is("Active")).await.unwrap();
         env.wait_for(&images_api, "ok-link", reason_is("Active")).await;
 
-        // Where file imports are allowed without a root (`run --allow-file-imports`): the
-        // kernel's file systems and the operator's own region stores stay out of reach (another
-        // tenant's bytes are there), spelled directly or through a link.
+        // Under the widest root a fetch policy can have (`run` refuses `/` and a missing root;
+        // `local`'s manifest directory may hold its stores): the kernel's file systems and the
+        // operator's own region stores stay out of reach (another tenant's bytes are there),
+        // spelled directly or through a link.
         env.stop_operator().await;
-        config.fetch.file_roots = Vec::new();
+        config.fetch.file_roots = vec!["/".into()];
         env.start_operator_with(config);
         let object = stored.status.unwrap().location.unwrap().url;
         let in_store = object.strip_prefix("file://").unwrap().to_string();
