@@ -1,6 +1,6 @@
 //! What both benchmarks (`benches/import/`, `benches/control_plane.rs`) use: the flag `cargo
 //! bench` passes, a process's memory from `/proc`, and the pseudo-random bytes of their test
-//! files.
+//! files (`tests/chaos.rs` takes its random choices and bytes from the same xorshift64).
 
 /// `cargo bench` passes `--bench` to `harness = false` targets: accepted and ignored
 /// (`#[command(flatten)]` it into a bench's arguments).

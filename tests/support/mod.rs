@@ -313,12 +313,26 @@ macro_rules! scenarios {
 /// A tiny HTTP/1.1 file server on 127.0.0.1 for import scenarios: `GET /<name>` answers the
 /// file's bytes; unknown names answer 404.
 pub async fn serve_files(dir: std::path::PathBuf) -> std::net::SocketAddr {
+    serve(move |name| {
+        let bytes = std::fs::read(dir.join(name)).ok().filter(|_| !name.contains(".."))?;
+        Some((std::sync::Arc::new(bytes), Duration::ZERO))
+    })
+    .await
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: `GET /<name>` answers the bytes `lookup` gives for the
+/// name, 64 KiB at a time with the pause it gives after each (zero: at once); `None` answers 404.
+pub async fn serve<F>(lookup: F) -> std::net::SocketAddr
+where
+    F: Fn(&str) -> Option<(std::sync::Arc<Vec<u8>>, Duration)> + Send + Sync + 'static,
+{
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let lookup = std::sync::Arc::new(lookup);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let dir = dir.clone();
+            let lookup = lookup.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = BufReader::new(read).lines();
@@ -329,17 +343,22 @@ pub async fn serve_files(dir: std::path::PathBuf) -> std::net::SocketAddr {
                     }
                 }
                 let name = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
-                match tokio::fs::read(dir.join(&name)).await {
-                    Ok(bytes) if !name.contains("..") => {
-                        let head =
-                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
-                        let _ = write.write_all(head.as_bytes()).await;
-                        let _ = write.write_all(&bytes).await;
+                let Some((bytes, pause)) = lookup(&name) else {
+                    let _ = write
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
+                };
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
+                if write.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for chunk in bytes.chunks(64 << 10) {
+                    if write.write_all(chunk).await.is_err() {
+                        return;
                     }
-                    _ => {
-                        let _ = write
-                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                            .await;
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
                     }
                 }
             });

@@ -466,6 +466,16 @@ mod tests {
         assert!(waiting(Answer::Started, "t").is_none());
     }
 
+    /// An embedded API with namespace `t` and the DataDisk Image `t/i` in it (region `r`).
+    async fn an_image() -> (kube::Client, Api<Image>, Image) {
+        let (client, _) = crate::controllers::test_api(&["t"]).await;
+        let api: Api<Image> = Api::namespaced(client.clone(), "t");
+        let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
+            "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
+        let image = api.create(&PostParams::default(), &serde_json::from_value(image).unwrap()).await.unwrap();
+        (client, api, image)
+    }
+
     /// Reconciles of a cached copy behind the API server's are no failures: the finalizer this
     /// controller added a moment ago is not in the cache yet (the guarded add is refused), or the
     /// image's deletion completed and the cache still shows it deleting (the removal finds it
@@ -473,11 +483,7 @@ mod tests {
     /// takeovers in the chaos run showed.
     #[tokio::test]
     async fn a_stale_cached_copy_of_an_image_is_no_failure() {
-        let (client, _) = crate::controllers::test_api(&["t"]).await;
-        let api: Api<Image> = Api::namespaced(client.clone(), "t");
-        let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
-            "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
-        let cached = api.create(&PostParams::default(), &serde_json::from_value(image).unwrap()).await.unwrap();
+        let (client, api, cached) = an_image().await;
         let mut live = cached.clone();
         live.metadata.finalizers = Some(vec![CLEANUP_FINALIZER.into()]);
         let live = api.replace("i", &PostParams::default(), &live).await.unwrap();
@@ -500,11 +506,7 @@ mod tests {
     /// deleting an image then still removes its bytes.
     #[tokio::test]
     async fn deleting_an_image_removes_its_bytes_before_the_region_is_probed() {
-        let (client, _) = crate::controllers::test_api(&["t"]).await;
-        let api: Api<Image> = Api::namespaced(client.clone(), "t");
-        let image = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "i"},
-            "spec": {"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://example.com/d.raw"}}}});
-        let image = api.create(&PostParams::default(), &serde_json::from_value(image).unwrap()).await.unwrap();
+        let (client, api, image) = an_image().await;
         let dir = tempfile::tempdir().unwrap();
         let (mut ctx, mut caches) = Context::for_test(client);
         ctx.config.stores = StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: dir.path().into() };
