@@ -39,7 +39,7 @@ impl Error {
     }
 }
 
-/// The outcome of a reconcile behind the `ims.io/cleanup` finalizer (kube's `finalizer` helper).
+/// The outcome of a reconcile behind a finalizer of ours (kube's `finalizer` helper).
 /// A finalizer write refused only because the cached object it was decided on is behind the API
 /// server's is no failure: the guarding `test` of the finalizers no longer holds (422 without
 /// field causes: they were added or removed meanwhile, by this controller a moment ago or by a
@@ -56,5 +56,36 @@ pub fn finalizer_outcome(result: Result<Action, finalizer::Error<Error>>) -> Res
             Ok(Action::await_change())
         }
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: serde_json::Value) -> kube::Error {
+        kube::Error::Api(Box::new(serde_json::from_value(status).expect("a Status")))
+    }
+
+    /// What kube-apiserver answers a finalizer write on a stale copy (a failed JSON-patch `test`:
+    /// 422 without causes; the object gone: 404) is no failure; a real refusal (422 with field
+    /// causes, or any other error) still is.
+    #[test]
+    fn finalizer_writes_on_stale_copies_are_no_failures() {
+        let stale = || api(serde_json::json!({"code": 422, "reason": "Invalid", "details": {}}));
+        let gone = || api(serde_json::json!({"code": 404, "reason": "NotFound"}));
+        let invalid = || {
+            api(serde_json::json!({"code": 422, "reason": "Invalid",
+                "details": {"name": "i", "kind": "Image", "causes": [{"reason": "FieldValueInvalid", "field": "spec.region"}]}}))
+        };
+        let broken = || api(serde_json::json!({"code": 500, "reason": "InternalError"}));
+        assert!(finalizer_outcome(Err(finalizer::Error::AddFinalizer(stale()))).is_ok());
+        assert!(finalizer_outcome(Err(finalizer::Error::AddFinalizer(gone()))).is_ok());
+        assert!(finalizer_outcome(Err(finalizer::Error::RemoveFinalizer(stale()))).is_ok());
+        assert!(finalizer_outcome(Err(finalizer::Error::RemoveFinalizer(gone()))).is_ok());
+        assert!(finalizer_outcome(Err(finalizer::Error::AddFinalizer(invalid()))).is_err());
+        assert!(finalizer_outcome(Err(finalizer::Error::RemoveFinalizer(broken()))).is_err());
+        let failed = finalizer::Error::CleanupFailed(Error::Transient("the store".into()));
+        assert!(finalizer_outcome(Err(failed)).is_err());
     }
 }

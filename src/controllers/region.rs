@@ -65,14 +65,14 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
 async fn reconcile(region: Arc<Region>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.config.metrics.reconcile("region");
     let api: Api<Region> = Api::all(ctx.client.clone());
-    finalizer(&api, REGION_FINALIZER, region, |event| async {
+    let outcome = finalizer(&api, REGION_FINALIZER, region, |event| async {
         match event {
             Event::Apply(region) => apply(&region, &ctx, &api).await,
             Event::Cleanup(region) => cleanup(&region, &ctx, &api).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .await;
+    super::error::finalizer_outcome(outcome)
 }
 
 async fn apply(region: &Region, ctx: &Context, api: &Api<Region>) -> Result<Action, Error> {
