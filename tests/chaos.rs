@@ -716,7 +716,7 @@ async fn first_wave(w: &World) {
     w.image(
         &own,
         "market",
-        json!({"region": r1, "type": "ISO", "visibility": "Marketplace", "source": source}),
+        json!({"region": r1, "type": "DataDisk", "visibility": "Marketplace", "source": source}),
         Want::Active,
     )
     .await;
