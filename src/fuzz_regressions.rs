@@ -19,7 +19,7 @@ const CASES: &[(&str, &str, &str)] = &[
 
 /// The entry point of the fuzz target `name`.
 fn run(name: &str, input: &[u8]) -> String {
-    if let Some(t) = Target::ALL.iter().find(|t| name.strip_prefix("format_") == Some(t.name())) {
+    if let Some(t) = Target::ALL.iter().find(|t| name.strip_prefix("format_") == Some(t.lowercase())) {
         return format::run(*t, input);
     }
     match name {

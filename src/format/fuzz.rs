@@ -21,43 +21,10 @@ use std::io;
 
 use super::*;
 
-/// The parser a fuzz target aims at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// "QFI\xfb" at 0.
-    Qcow2,
-    /// "KDMV" at 0, or a text descriptor (variant bit).
-    Vmdk,
-    /// A "conectix" footer at 0, or at the end (variant bit).
-    Vhd,
-    /// "vhdxfile" at 0; headers, region tables, log, BAT and metadata at qemu-img's offsets.
-    Vhdx,
-    /// The VDI signature at 64.
-    Vdi,
-    /// "CD001" volume descriptors from 32 KiB.
-    Iso,
-    /// The bytes as they are: whatever detection makes of them.
-    Raw,
-}
-
-impl Target {
-    /// Every target.
-    pub const ALL: [Target; 7] =
-        [Target::Qcow2, Target::Vmdk, Target::Vhd, Target::Vhdx, Target::Vdi, Target::Iso, Target::Raw];
-
-    /// The fuzz target's name (`format_<name>`) and its regression directory.
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Qcow2 => "qcow2",
-            Target::Vmdk => "vmdk",
-            Target::Vhd => "vhd",
-            Target::Vhdx => "vhdx",
-            Target::Vdi => "vdi",
-            Target::Iso => "iso",
-            Target::Raw => "raw",
-        }
-    }
-}
+/// The parser a fuzz target aims at: the format whose magic its inputs carry (`Raw`: the
+/// bytes as they are, whatever detection makes of them). The fuzz target is
+/// `format_<lowercase>`, and so is its regression directory.
+pub type Target = Format;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
