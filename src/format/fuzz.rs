@@ -309,12 +309,8 @@ impl ReadAt for Image {
 pub fn fix_checksums(b: &mut [u8]) {
     let n = b.len();
     let vhd_sum = |f: &mut [u8]| {
-        let sum = f
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !(64..68).contains(i))
-            .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
-        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        let sum = vpc::footer_checksum(f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
     };
     if n >= 512 && b.starts_with(vpc::COOKIE) {
         vhd_sum(&mut b[..512]);

@@ -636,12 +636,8 @@ fn synthetic_vhd() {
     assert!(matches!(detect_bytes(&img), Err(FormatError::Corrupt { .. })));
     let mut img = build::vhd_dynamic(size, b"win ");
     img[63] = 4;
-    let sum = img[..512]
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(64..68).contains(i))
-        .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
-    img[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    let sum = super::vpc::footer_checksum(&img[..512]);
+    img[64..68].copy_from_slice(&sum.to_be_bytes());
     assert!(matches!(detect_bytes(&img), Err(FormatError::Unsupported { .. })));
     let img = build::vhd_dynamic(size, b"win ");
     assert!(matches!(detect_bytes(&img[..1000]), Err(FormatError::Truncated { .. })));
@@ -756,12 +752,8 @@ fn synthetic_iso() {
     let footer = build::vhd_fixed(0, b"win ");
     let mut f = footer[footer.len() - 512..].to_vec();
     f[48..56].copy_from_slice(&(64u64 * 2048).to_be_bytes());
-    let sum = f
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !(64..68).contains(i))
-        .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
-    f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    let sum = super::vpc::footer_checksum(&f);
+    f[64..68].copy_from_slice(&sum.to_be_bytes());
     img.extend(f);
     assert_eq!(detect_bytes(&img).unwrap().format, Format::Vhd);
 }

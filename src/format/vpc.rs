@@ -83,19 +83,23 @@ fn bad_type(t: u32) -> FormatError {
     }
 }
 
-/// Checks the footer and returns the disk size in sectors, by qemu's rule.
-fn parse_footer(f: &[u8]) -> Result<u64, FormatError> {
-    let stored = be32(f, 64);
-    let sum = f
-        .iter()
+/// The checksum a footer should carry at 64..68: the one's complement of the sum of its other
+/// bytes.
+pub(crate) fn footer_checksum(f: &[u8]) -> u32 {
+    !f.iter()
         .take(FOOTER_LEN)
         .enumerate()
         .filter(|(i, _)| !(64..68).contains(i))
-        .fold(0u32, |acc, (_, &b)| acc.wrapping_add(u32::from(b)));
-    if !sum != stored {
+        .fold(0u32, |acc, (_, &b)| acc.wrapping_add(u32::from(b)))
+}
+
+/// Checks the footer and returns the disk size in sectors, by qemu's rule.
+fn parse_footer(f: &[u8]) -> Result<u64, FormatError> {
+    let stored = be32(f, 64);
+    let sum = footer_checksum(f);
+    if sum != stored {
         return Err(FormatError::corrupt(format!(
-            "vhd footer checksum is {stored:#010x}, the footer sums to {:#010x}",
-            !sum
+            "vhd footer checksum is {stored:#010x}, the footer sums to {sum:#010x}"
         )));
     }
 
