@@ -20,11 +20,8 @@ use tokio::net::TcpListener;
 use super::{Capability, Key, Ranged, ranged};
 use crate::{
     api::{Image, ImagePhase},
-    controllers::{Context, share},
-    policy::{
-        reference::{Outcome, decide},
-        share::open_to,
-    },
+    controllers::{Context, image::reference},
+    policy::reference::{Outcome, decide},
 };
 
 /// The one answer to every path that is not a readable disk.
@@ -34,10 +31,10 @@ pub const NOT_FOUND: &str = "404 page not found\n";
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// The stored object a capability reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Readable {
-    /// The region whose store holds it.
-    pub region: String,
+    /// The store that holds it (its region's).
+    pub store: crate::store::RegionStore,
     /// The object's path in that store.
     pub object: object_store::path::Path,
     /// Its sha256 (lower-case hex), from status.
@@ -45,7 +42,7 @@ pub struct Readable {
 }
 
 /// What `capability` may read now, from the caches of `ctx`; `None` for anything not readable.
-pub fn resolve(ctx: &Context, capability: &Capability) -> Option<(Readable, Arc<Image>)> {
+pub fn resolve(ctx: &Context, capability: &Capability) -> Option<Readable> {
     let image = ctx.images.get(&ObjectRef::<Image>::new(&capability.name).within(&capability.namespace))?;
     let active = |i: &Image| {
         i.metadata.deletion_timestamp.is_none() && i.status.as_ref().and_then(|s| s.phase) == Some(ImagePhase::Active)
@@ -57,10 +54,8 @@ pub fn resolve(ctx: &Context, capability: &Capability) -> Option<(Readable, Arc<
     let owner = match &image.spec.source.image {
         None => image.clone(),
         Some(target) => {
-            let source = ctx.images.get(&ObjectRef::<Image>::new(&target.name).within(&target.namespace))?;
-            let tenant = capability.namespace.as_str();
-            let granted = open_to(&source, tenant, &ctx.config.public_namespace)
-                || share::evaluation(ctx, &target.namespace, &target.name).lists(tenant);
+            let (source, granted) = reference::source_and_grant(ctx, &capability.namespace, target);
+            let source = source?;
             let bound = image.status.as_ref()?.source.as_ref()?.uid.clone();
             match decide(&image, target, Some(&source), granted) {
                 Outcome::Active(s) if s.uid().as_deref() == Some(bound.as_str()) && active(s) => source.clone(),
@@ -79,7 +74,7 @@ pub fn resolve(ctx: &Context, capability: &Capability) -> Option<(Readable, Arc<
     let store = ctx.store(&owner.spec.region)?;
     let prefix = store.image_prefix(&owner.namespace()?, &owner.name_any(), &owner.uid()?);
     let object = prefix.join(capability.disk.as_str());
-    Some((Readable { region: owner.spec.region.clone(), object, sha256 }, image))
+    Some(Readable { store, object, sha256 })
 }
 
 /// Serves capability paths on `listener` until the task is dropped.
@@ -114,9 +109,8 @@ pub async fn answer<B>(ctx: &Context, key: Option<&Key>, req: Request<B>) -> Res
         return response;
     }
     let Some(capability) = key.and_then(|key| Capability::verify(req.uri().path(), key)) else { return not_found() };
-    let Some((readable, _)) = resolve(ctx, &capability) else { return not_found() };
-    let Some(store) = ctx.store(&readable.region) else { return not_found() };
-    let store = store.object_store().clone();
+    let Some(readable) = resolve(ctx, &capability) else { return not_found() };
+    let store = readable.store.object_store().clone();
     let Ok(meta) = store.head(&readable.object).await else { return not_found() };
     let len = meta.size;
     let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok());

@@ -22,7 +22,7 @@ use kube::{
 
 mod bytes;
 mod copy;
-mod reference;
+pub mod reference;
 
 use super::{Context, Error, Shutdown, quota, status};
 use crate::{

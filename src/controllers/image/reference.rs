@@ -21,6 +21,18 @@ use crate::{
 /// How often a reference re-checks on its own (every change it depends on also re-runs it).
 const RECHECK: Duration = Duration::from_secs(300);
 
+/// The source a reference to `target` from namespace `tenant` names (from the cache), and
+/// whether it is open to `tenant` right now: Public in the platform namespace, Marketplace, or
+/// listed in an ImageShare of it.
+pub fn source_and_grant(ctx: &Context, tenant: &str, target: &ImageReference) -> (Option<Arc<Image>>, bool) {
+    let source = ctx.images.get(&ObjectRef::<Image>::new(&target.name).within(&target.namespace));
+    let granted = source.as_ref().is_some_and(|s| {
+        open_to(s, tenant, &ctx.config.public_namespace)
+            || share::evaluation(ctx, &target.namespace, &target.name).lists(tenant)
+    });
+    (source, granted)
+}
+
 /// Reconciles a reference.
 pub async fn apply(
     image: Arc<Image>,
@@ -31,12 +43,7 @@ pub async fn apply(
     let old = image.status.clone().unwrap_or_default();
     let generation = image.metadata.generation;
     let now = status::now();
-    let tenant = image.namespace().unwrap_or_default();
-    let source = ctx.images.get(&ObjectRef::<Image>::new(&target.name).within(&target.namespace));
-    let granted = source.as_ref().is_some_and(|s| {
-        open_to(s, &tenant, &ctx.config.public_namespace)
-            || share::evaluation(ctx, &target.namespace, &target.name).lists(&tenant)
-    });
+    let (source, granted) = source_and_grant(ctx, &image.namespace().unwrap_or_default(), target);
     let desired = match decide(&image, target, source.as_deref(), granted) {
         Outcome::Active(source) => {
             let from = source.status.clone().unwrap_or_default();
