@@ -120,7 +120,7 @@ async fn cleanup(region: &Region, ctx: &Context, api: &Api<Region>) -> Result<Ac
     }
     let old = region.status.clone().unwrap_or_default();
     let announced = ready_reason(&old.conditions) == Some(Reason::RegionInUse.as_str());
-    let (desired, note) = region::deleting(region.metadata.generation, &using, &old, &status::now());
+    let (desired, note) = region::deleting(&name, region.metadata.generation, &using, &old, &status::now());
     if !announced {
         for image in &using {
             ctx.publish_event(&image.object_ref(&()), true, "RegionDeleting".into(), &note, "Delete").await;

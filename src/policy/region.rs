@@ -115,7 +115,13 @@ pub fn status(
 
 /// The status of a Region being deleted while `using` (images of any namespace, owned or
 /// references) still name it, and the note each of their owners is told.
-pub fn deleting(generation: Option<i64>, using: &[&Image], old: &RegionStatus, now: &Time) -> (RegionStatus, String) {
+pub fn deleting(
+    region: &str,
+    generation: Option<i64>,
+    using: &[&Image],
+    old: &RegionStatus,
+    now: &Time,
+) -> (RegionStatus, String) {
     let references = using.iter().filter(|i| i.spec.source.image.is_some()).count();
     let owned = using.len() - references;
     let message = format!(
@@ -128,8 +134,6 @@ pub fn deleting(generation: Option<i64>, using: &[&Image], old: &RegionStatus, n
         observed_generation: generation,
         ..old.clone()
     };
-    let name = |i: &&Image| i.spec.region.clone();
-    let region = using.first().map(name).unwrap_or_default();
     let note = format!(
         "Region {region} is being deleted: it waits until this image is deleted; copy the image to another region (ImageCopy) to keep it"
     );
