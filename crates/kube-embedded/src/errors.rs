@@ -34,6 +34,16 @@ impl ApiError {
             .with_details(json!({"name": name, "group": kind.group, "kind": kind.plural}))
     }
 
+    /// 413 for a request body above [`crate::MAX_REQUEST_BODY_BYTES`], as kube-apiserver answers it.
+    pub fn body_too_large() -> Self {
+        Self::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {}", crate::MAX_REQUEST_BODY_BYTES),
+        )
+        .with_details(json!({}))
+    }
+
     /// 404 for a path that names nothing.
     pub fn no_route() -> Self {
         Self::new(404, "NotFound", "the server could not find the requested resource").with_details(json!({}))

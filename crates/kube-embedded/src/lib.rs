@@ -44,6 +44,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 pub use errors::ApiError;
+
+/// The largest request body the server reads: kube-apiserver's 3 MiB (`MaxRequestBodyBytes`);
+/// a larger one is answered 413 RequestEntityTooLarge.
+pub const MAX_REQUEST_BODY_BYTES: usize = 3 * 1024 * 1024;
 pub use registry::Kind;
 use store::Store;
 use verbs::{Query, Target};
@@ -136,6 +140,9 @@ impl ApiServer {
     /// Answers one request.
     pub async fn handle(&self, request: http::Request<Bytes>) -> http::Response<ResponseBody> {
         let (parts, body) = request.into_parts();
+        if body.len() > MAX_REQUEST_BODY_BYTES {
+            return json_response(413, &ApiError::body_too_large().to_status());
+        }
         let header = |name: http::header::HeaderName| {
             parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
         };
@@ -176,7 +183,16 @@ impl ApiServer {
                     let server = server.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        // Read at most one byte more than the limit, so a huge body is refused
+                        // without being held in memory.
+                        let limited = http_body_util::Limited::new(body, MAX_REQUEST_BODY_BYTES);
+                        let bytes = match limited.collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                                return Ok(json_response(413, &ApiError::body_too_large().to_status()));
+                            }
+                            Err(_) => Bytes::new(),
+                        };
                         Ok::<_, Infallible>(server.handle(http::Request::from_parts(parts, bytes)).await)
                     }
                 });

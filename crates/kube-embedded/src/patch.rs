@@ -24,6 +24,11 @@ use crate::schema::go_quote;
 /// The largest number of operations kube-apiserver accepts in one JSON Patch.
 pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
 
+/// The most bytes (of the copied values' JSON) the `copy` operations of one JSON Patch may add:
+/// kube-apiserver sets json-patch's `AccumulatedCopySizeLimit` to its 3 MiB request body limit, so
+/// that a few operations copying a document into itself cannot grow it exponentially.
+pub const MAX_JSON_PATCH_COPY_BYTES: usize = 3 * 1024 * 1024;
+
 /// Why a patch could not be applied, with the status kube-apiserver answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
@@ -125,8 +130,9 @@ pub fn json_patch(doc: &Value, patch: &Value) -> Result<Value, PatchError> {
             )));
         }
     };
+    let mut copied = 0usize;
     for op in ops {
-        apply_operation(&mut work, op).map_err(PatchError::Unprocessable)?;
+        apply_operation(&mut work, op, &mut copied).map_err(PatchError::Unprocessable)?;
     }
     Ok(work)
 }
@@ -383,7 +389,7 @@ fn op_string(op: Option<&Map<String, Value>>, field: &str, missing: &str) -> Res
     }
 }
 
-fn apply_operation(doc: &mut Value, op: Option<&Map<String, Value>>) -> Result<(), String> {
+fn apply_operation(doc: &mut Value, op: Option<&Map<String, Value>>, copied: &mut usize) -> Result<(), String> {
     let kind = op.and_then(|o| o.get("op")).and_then(Value::as_str).unwrap_or("unknown");
     let value = || op.and_then(|o| o.get("value")).cloned().unwrap_or(Value::Null);
     let path = || op_string(op, "path", "operation missing path field");
@@ -441,6 +447,14 @@ fn apply_operation(doc: &mut Value, op: Option<&Map<String, Value>>) -> Result<(
                 format!("copy operation does not apply: doc is missing from path: {from}: missing value")
             })?;
             let val = container_get(c, &key).map_err(|e| format!("error in copy for from: '{from}': {e}"))?;
+            // json-patch counts the copied value's JSON; a value too big to count is over the limit.
+            let size = val.as_ref().map_or(4, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
+            *copied = copied.saturating_add(size);
+            if *copied > MAX_JSON_PATCH_COPY_BYTES {
+                return Err(format!(
+                    "Unable to complete the copy, the accumulated size increase of copy is {copied}, exceeding the limit {MAX_JSON_PATCH_COPY_BYTES}"
+                ));
+            }
             let path = path().map_err(|_| "copy operation failed to decode path: missing value".to_owned())?;
             let (c, key) = find_container(doc, &path).ok_or_else(|| {
                 format!("copy operation does not apply: doc is missing destination path: {path}: missing value")
@@ -497,6 +511,23 @@ mod tests {
             "metadata": {"name": "img", "labels": {"app": "web", "a/b": "x", "t~n": "y"}, "finalizers": ["ims.io/cleanup"]},
             "spec": {"region": "eu", "size": 10, "tags": ["a", "b", "c"], "nested": {"k": null}},
         })
+    }
+
+    /// A few `copy` operations that each double the document would grow it to gigabytes; like
+    /// kube-apiserver, the copies stop at 3 MiB in all with a 422, and the document is untouched.
+    #[test]
+    fn copies_stop_at_the_accumulated_size_limit() {
+        let doc = json!({"a": ["x".repeat(1024)]});
+        // Each copy appends the array to itself, doubling it: 2^40 KiB without a limit.
+        let ops = vec![json!({"op": "copy", "from": "/a", "path": "/a/-"}); 40];
+        let err = json_patch(&doc, &Value::Array(ops)).expect_err("the copies exceed 3 MiB");
+        assert_eq!(err.code(), 422);
+        let PatchError::Unprocessable(text) = &err else { panic!("{err:?}") };
+        assert!(text.starts_with("Unable to complete the copy, the accumulated size increase of copy is "), "{text}");
+        assert!(text.ends_with(&format!("exceeding the limit {MAX_JSON_PATCH_COPY_BYTES}")), "{text}");
+        // Copies below the limit still apply.
+        let small = json_patch(&doc, &json!([{"op": "copy", "from": "/a/0", "path": "/b"}])).expect("one small copy");
+        assert_eq!(small["b"], doc["a"][0]);
     }
 
     fn patched(doc: &Value, patch: Value) -> Value {

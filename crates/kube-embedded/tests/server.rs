@@ -149,3 +149,37 @@ async fn server_side_apply_merges_by_the_schema_and_reports_conflicts() {
     let forced = api.patch("s", &apply("carol").force(), &Patch::Apply(c)).await.unwrap();
     assert_eq!(forced.data["spec"]["size"], 5);
 }
+
+/// A body above 3 MiB is refused with kube-apiserver's 413, in-process and over TCP, where the
+/// server stops reading at the limit; the server keeps serving afterwards.
+#[tokio::test]
+async fn a_body_above_three_mib_is_refused_with_413() {
+    let server = server().await;
+    let big = widget("big", json!({"blob": "x".repeat(kube_embedded::MAX_REQUEST_BODY_BYTES)}));
+    let err = widgets(&server).create(&PostParams::default(), &big).await.expect_err("too large");
+    assert_eq!(error(err), (413, format!("Request entity too large: limit is {}", 3 * 1024 * 1024)));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = server.clone();
+    let task = tokio::spawn(async move { serving.serve(listener).await });
+    let body = vec![b'{'; 8 * 1024 * 1024];
+    let head = format!(
+        "POST /apis/example.com/v1/namespaces/t/widgets HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer and close before the whole body is sent.
+    let _ = stream.write_all(&body).await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"reason\":\"RequestEntityTooLarge\""), "{answer}");
+    task.abort();
+
+    let small = widget("small", json!({"size": 1}));
+    widgets(&server).create(&PostParams::default(), &small).await.expect("a small body is still served");
+}
