@@ -110,6 +110,71 @@ pub struct RunArgs {
     /// A second signal stops it at once.
     #[arg(long, env = "IMS_GRACEFUL_SHUTDOWN_TIMEOUT", default_value_t = 30, value_name = "SECONDS")]
     pub graceful_shutdown_timeout: u64,
+    #[command(flatten)]
+    pub images: ImageServerArgs,
+}
+
+/// Flags of the image server (`run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImageServerArgs {
+    /// Address the image server listens on: every Active image's `status.location.url` points
+    /// here (the leader serves; the Service `ims-images` routes to it).
+    #[arg(long, env = "IMS_IMAGE_SERVER_ADDR", default_value = "0.0.0.0:8081", value_name = "ADDR")]
+    pub image_server_addr: std::net::SocketAddr,
+    /// The URL consumers reach the image server at, which locations start with (default:
+    /// the Service, `http://ims-images.<operator namespace>.svc:<port>`, `https://` with TLS).
+    #[arg(long, env = "IMS_IMAGE_BASE_URL", value_name = "URL")]
+    pub image_base_url: Option<String>,
+    /// Serve HTTPS with the certificate of this `kubernetes.io/tls` Secret of the operator
+    /// namespace (`tls.crt`, `tls.key`; cert-manager's renewals are picked up).
+    #[arg(long, env = "IMS_IMAGE_SERVER_TLS_SECRET", value_name = "NAME")]
+    pub image_server_tls_secret: Option<String>,
+    /// The Secret of the operator namespace holding the key image URLs are signed with (entry
+    /// `hmac`, 32 bytes; created when missing). Deleting it rotates the key: every URL changes.
+    #[arg(long, env = "IMS_IMAGE_KEY_SECRET", default_value = crate::delivery::key::DEFAULT_SECRET, value_name = "NAME")]
+    pub image_key_secret: String,
+}
+
+impl ImageServerArgs {
+    /// The image server's configuration: its listener bound, its base URL checked.
+    pub async fn delivery(&self, operator_namespace: &str) -> Result<crate::delivery::DeliveryConfig, CliError> {
+        let addr = self.image_server_addr;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| CliError::ImageServerBind { addr, source })?;
+        let scheme = if self.image_server_tls_secret.is_some() { "https" } else { "http" };
+        let base_url = match &self.image_base_url {
+            Some(url) => base_url(url)?,
+            None => {
+                let port = listener.local_addr().map_or(addr.port(), |a| a.port());
+                format!("{scheme}://ims-images.{operator_namespace}.svc:{port}")
+            }
+        };
+        Ok(crate::delivery::DeliveryConfig {
+            listener: std::sync::Arc::new(listener),
+            base_url,
+            key_secret: self.image_key_secret.clone(),
+            tls_secret: self.image_server_tls_secret.clone(),
+            limits: Default::default(),
+        })
+    }
+}
+
+/// A base URL as `--image-base-url` takes it: `http(s)://host[:port][/prefix]`, no query, no
+/// fragment, no credentials; returned without its trailing `/`.
+pub fn base_url(url: &str) -> Result<String, CliError> {
+    let refused = |why: &str| CliError::ImageBaseUrl { url: url.to_string(), why: why.to_string() };
+    let uri: http::Uri = url.parse().map_err(|_| refused("not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(refused("it must start with http:// or https://"));
+    }
+    let authority = uri.authority().ok_or_else(|| refused("it names no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(refused("it must not carry credentials"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(refused("it must not have a query or a fragment"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 /// Why a command failed: each message says what to do.
@@ -148,6 +213,22 @@ pub enum CliError {
         addr: std::net::SocketAddr,
         /// Why.
         source: std::io::Error,
+    },
+    /// The image server's address could not be bound.
+    #[error("cannot listen on {addr} for the image server: {source}\nhint: choose another --image-server-addr")]
+    ImageServerBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--image-base-url` is unusable.
+    #[error("--image-base-url {url}: {why} (for example https://images.example.com)")]
+    ImageBaseUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong.
+        why: String,
     },
     /// `--allow-file-imports` without a directory to read from.
     #[error(
@@ -283,6 +364,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         .map_err(|e| unreachable(e.to_string()))?;
     tracing::info!(server = %url, version = %version.git_version, "connected");
     check_crds(&client).await?;
+    let delivery = args.images.delivery(&args.operator_namespace).await?;
 
     let config = Config {
         policy,
@@ -298,8 +380,14 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         progress_every: Duration::from_secs(args.progress_interval.max(1)),
         readiness: readiness.clone(),
         metrics,
+        delivery: Some(delivery),
     };
-    tracing::info!(public_namespace = %config.public_namespace, leader_elect = args.leader_elect, "starting");
+    tracing::info!(
+        public_namespace = %config.public_namespace,
+        leader_elect = args.leader_elect,
+        images = %config.delivery.as_ref().map(|d| d.base_url.as_str()).unwrap_or_default(),
+        "starting"
+    );
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     let work = async {
         if args.leader_elect {
@@ -392,6 +480,16 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn image_base_urls_are_checked() {
+        assert_eq!(base_url("https://images.example.com/").unwrap(), "https://images.example.com");
+        assert_eq!(base_url("http://10.0.0.5:8081/ims").unwrap(), "http://10.0.0.5:8081/ims");
+        for bad in ["images.example.com", "ftp://x", "https://u:p@x", "https://x/?a=1", "https://x/#f", "http://"] {
+            let err = base_url(bad).expect_err(bad).to_string();
+            assert!(err.starts_with(&format!("--image-base-url {bad}: ")), "{err}");
+        }
     }
 
     #[test]

@@ -219,6 +219,8 @@ pub struct Row {
     /// Whether the object has settled (kstatus "Current" or failed): it has a status for its
     /// latest spec and no work in progress.
     pub settled: bool,
+    /// An image's `status.location.url` ("" when it has none).
+    pub url: String,
 }
 
 impl Row {
@@ -274,6 +276,7 @@ pub fn row(kind: &str, obj: &Value) -> Row {
             _ => text(ready.and_then(|c| c.get("message"))),
         },
         settled: settled(obj),
+        url: text(obj.pointer("/status/location/url")),
     }
 }
 
@@ -299,10 +302,13 @@ pub async fn rows(server: &ApiServer, client: &kube::Client) -> Vec<Row> {
     out
 }
 
-/// Formats rows as a `kubectl get`-style table.
-pub fn table(rows: &[Row]) -> String {
-    let header = ["KIND", "NAMESPACE", "NAME", "PHASE", "REASON", "MESSAGE"];
-    let cells: Vec<[String; 6]> = rows
+/// Formats rows as a `kubectl get`-style table; `wide` adds each image's URL.
+pub fn table(rows: &[Row], wide: bool) -> String {
+    let mut header = vec!["KIND", "NAMESPACE", "NAME", "PHASE", "REASON", "MESSAGE"];
+    if wide {
+        header.push("URL");
+    }
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let ns = if r.namespace.is_empty() { "-".to_string() } else { r.namespace.clone() };
@@ -310,10 +316,14 @@ pub fn table(rows: &[Row]) -> String {
             if message.chars().count() > 80 {
                 message = message.chars().take(77).collect::<String>() + "...";
             }
-            [r.kind.clone(), ns, r.name.clone(), r.phase.clone(), r.reason.clone(), message]
+            let mut row = vec![r.kind.clone(), ns, r.name.clone(), r.phase.clone(), r.reason.clone(), message];
+            if wide {
+                row.push(if r.url.is_empty() { "-".into() } else { r.url.clone() });
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &cells {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
@@ -321,11 +331,11 @@ pub fn table(rows: &[Row]) -> String {
     }
     let mut out = String::new();
     let mut push = |cols: Vec<&str>| {
-        let line: Vec<String> = cols.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = cols.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     };
-    push(header.to_vec());
+    push(header.clone());
     for row in &cells {
         push(row.iter().map(String::as_str).collect());
     }
@@ -380,6 +390,31 @@ pub struct LocalArgs {
     /// Policy file (YAML) overriding the default limits.
     #[arg(long, env = "IMS_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Serve image bytes here while `local` runs (every Active image's URL points at it); when
+    /// the port is taken, another free one on the same address is used.
+    #[arg(long, env = "IMS_IMAGE_SERVER_ADDR", default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    pub image_server_addr: std::net::SocketAddr,
+    /// Output format: `wide` adds each image's URL (`status.location.url`), like `kubectl get -o wide`.
+    #[arg(short = 'o', long = "output", env = "IMS_LOCAL_OUTPUT", value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
+}
+
+/// `local -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// The table with a URL column.
+    Wide,
+}
+
+/// The image server's listener: `addr`, or a free port of the same address when it is taken.
+async fn bind_images(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            tokio::net::TcpListener::bind(std::net::SocketAddr::new(addr.ip(), 0)).await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes a kubeconfig for the served API.
@@ -405,6 +440,15 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let server = crate::api::embedded();
     let client = server.client();
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let images = bind_images(args.image_server_addr).await.map_err(|e| {
+        format!(
+            "cannot listen on {} for the image server: {e}; choose another --image-server-addr",
+            args.image_server_addr
+        )
+    })?;
+    let images_at = images.local_addr()?;
+    // The operator's namespace holds the image key Secret.
+    ensure_namespace(&client, "ims-system").await;
     let config = Config {
         policy,
         public_namespace: args.public_namespace.clone(),
@@ -423,7 +467,15 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         progress_every: Duration::from_secs(2),
         readiness: Default::default(),
         metrics: Default::default(),
+        delivery: Some(crate::delivery::DeliveryConfig {
+            listener: std::sync::Arc::new(images),
+            base_url: format!("http://{images_at}"),
+            key_secret: crate::delivery::key::DEFAULT_SECRET.into(),
+            tls_secret: None,
+            limits: Default::default(),
+        }),
     };
+    eprintln!("serving images on http://{images_at} while this runs");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = tokio::spawn(controllers::run(client.clone(), config, async move {
         let _ = stop_rx.await;
@@ -466,10 +518,14 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
             reason: "Invalid".into(),
             message: a.error.clone().unwrap_or_default(),
             settled: true,
+            url: String::new(),
         })
         .collect();
     table_rows.extend(current.iter().cloned());
-    print!("{}", table(&table_rows));
+    print!("{}", table(&table_rows, args.output == Some(Output::Wide)));
+    if args.output != Some(Output::Wide) && args.serve.is_some() {
+        eprintln!("(-o wide shows each image's URL)");
+    }
     for a in &rejected {
         eprintln!("rejected {} {}/{}: {}", a.kind, a.namespace, a.name, a.error.as_deref().unwrap_or_default());
     }
@@ -536,6 +592,7 @@ mod tests {
                 reason: "StoreReady".into(),
                 message: "".into(),
                 settled: true,
+                url: "".into(),
             },
             Row {
                 kind: "Image".into(),
@@ -545,13 +602,22 @@ mod tests {
                 reason: "Active".into(),
                 message: "ok".into(),
                 settled: true,
+                url: "http://127.0.0.1:8081/v1/images/t/u".into(),
             },
         ];
-        let text = table(&rows);
+        let text = table(&rows, false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "KIND     NAMESPACE   NAME      PHASE    REASON       MESSAGE");
         assert_eq!(lines[1], "Region   -           eu-west   Ready    StoreReady");
         assert_eq!(lines[2], "Image    tenant-a    ubuntu    Active   Active       ok");
+        let wide = table(&rows, true);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert_eq!(lines[0], "KIND     NAMESPACE   NAME      PHASE    REASON       MESSAGE   URL");
+        assert_eq!(lines[1], "Region   -           eu-west   Ready    StoreReady             -");
+        assert_eq!(
+            lines[2],
+            "Image    tenant-a    ubuntu    Active   Active       ok        http://127.0.0.1:8081/v1/images/t/u"
+        );
     }
 
     /// Settled: a status for the latest generation, nothing in progress.

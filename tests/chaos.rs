@@ -55,6 +55,8 @@ use sha2::{Digest, Sha256};
 use support::Env;
 
 /// Lease duration of the operator replicas (deploy/ uses 15 s; shorter keeps takeovers quick).
+/// The image server URL every replica of the chaos run writes into locations.
+const CHAOS_IMAGE_BASE: &str = "http://ims-images.chaos.invalid:8081";
 const LEASE_SECONDS: &str = "4";
 /// Operator replicas, as deploy/ runs them.
 const REPLICAS: usize = 2;
@@ -294,6 +296,8 @@ impl Fleet {
             .arg("--file-store-root")
             .arg(&self.store)
             .args(["--import-allow-cidrs", "127.0.0.0/8", "--admin-addr", "127.0.0.1:0"])
+            // Every replica on this machine: a port each, one base URL for all (as a Service).
+            .args(["--image-server-addr", "127.0.0.1:0", "--image-base-url", CHAOS_IMAGE_BASE])
             .args(["--lease-duration", LEASE_SECONDS, "--leader-identity", &identity])
             .args(["--progress-interval", "1", "--connect-timeout", "20", "--log-format", "json"])
             .env("KUBECONFIG", &self.kubeconfig)
@@ -1077,9 +1081,10 @@ async fn check(w: &World, tally: &mut Tally) -> Result<Vec<String>, kube::Error>
             bad.push(format!("{ns}/{name}: stores {size} bytes, its status says {:?}", status.size_bytes));
         }
         if status.disks.is_empty() {
-            let at = format!("file://{}", w.store.join(prefix.join("disk")).display());
-            if status.location.as_ref().map(|l| l.url.as_str()) != Some(at.as_str()) {
-                bad.push(format!("{ns}/{name}: location {:?} is not {at}", status.location.map(|l| l.url)));
+            // A capability of this image's own disk on the image server.
+            let at = format!("{CHAOS_IMAGE_BASE}/v1/images/{ns}/{name}/{}/disk/", i.uid().unwrap_or_default());
+            if !status.location.as_ref().is_some_and(|l| l.url.starts_with(&at)) {
+                bad.push(format!("{ns}/{name}: location {:?} is not under {at}", status.location.map(|l| l.url)));
             }
         }
     }

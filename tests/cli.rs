@@ -36,7 +36,10 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn run_without_any_cluster_config_fails_fast_with_a_hint() {
-    let out = operator(&["run", "--admin-addr", "127.0.0.1:0"], "/nonexistent/kubeconfig");
+    let out = operator(
+        &["run", "--admin-addr", "127.0.0.1:0", "--image-server-addr", "127.0.0.1:0"],
+        "/nonexistent/kubeconfig",
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("error: no usable Kubernetes configuration"), "{err}");
@@ -49,7 +52,10 @@ fn run_against_an_unreachable_server_fails_fast() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig_for(&dir, &format!("http://127.0.0.1:{port}"));
-    let out = operator(&["run", "--admin-addr", "127.0.0.1:0", "--connect-timeout", "5"], config.to_str().unwrap());
+    let out = operator(
+        &["run", "--admin-addr", "127.0.0.1:0", "--image-server-addr", "127.0.0.1:0", "--connect-timeout", "5"],
+        config.to_str().unwrap(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains(&format!("cannot reach the Kubernetes API server at http://127.0.0.1:{port}/")), "{err}");
@@ -101,7 +107,10 @@ fn run_against_a_cluster_without_the_crds_names_the_install_command() {
     let port = serve_cluster_without_crds();
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig_for(&dir, &format!("http://127.0.0.1:{port}"));
-    let out = operator(&["run", "--admin-addr", "127.0.0.1:0"], config.to_str().unwrap());
+    let out = operator(
+        &["run", "--admin-addr", "127.0.0.1:0", "--image-server-addr", "127.0.0.1:0"],
+        config.to_str().unwrap(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("error: the ims.io CRDs are not installed in this cluster"), "{err}");
@@ -113,7 +122,18 @@ fn a_bad_policy_file_is_refused_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "concurrentImports: lots\n").unwrap();
-    let out = operator(&["run", "--admin-addr", "127.0.0.1:0", "--policy", policy.to_str().unwrap()], "/nonexistent");
+    let out = operator(
+        &[
+            "run",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--image-server-addr",
+            "127.0.0.1:0",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+        "/nonexistent",
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("key `concurrentImports`: must be a non-negative integer"), "{err}");
@@ -137,7 +157,7 @@ fn file_imports_need_directories_to_read_from() {
         ),
     ];
     for (flags, want) in cases {
-        let mut args = vec!["run", "--admin-addr", "127.0.0.1:0"];
+        let mut args = vec!["run", "--admin-addr", "127.0.0.1:0", "--image-server-addr", "127.0.0.1:0"];
         args.extend_from_slice(flags);
         let out = operator(&args, "/nonexistent");
         assert_eq!(out.status.code(), Some(1), "{flags:?}");
@@ -177,7 +197,7 @@ async fn run_becomes_ready_and_stops_cleanly_on_sigterm() {
     let config = kubeconfig_for(&dir, &format!("http://{addr}"));
     let admin = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
-        .args(["run", "--admin-addr", &admin.to_string()])
+        .args(["run", "--admin-addr", &admin.to_string(), "--image-server-addr", "127.0.0.1:0"])
         .env("KUBECONFIG", &config)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stderr(std::process::Stdio::piped())
@@ -300,4 +320,76 @@ fn local_check_fails_on_objects_that_do_not_settle() {
         "{stderr}"
     );
     assert!(stderr.contains("  Image tenant-a/unreachable: Saving SourceUnreachable: "), "names it and why: {stderr}");
+}
+
+/// `local --serve -o wide` serves the images it shows: the URL in the table answers curl with
+/// the example's bytes while it runs, and examples/metal3/image-to-bmh.sh fills a BareMetalHost
+/// from that Image through kubectl, of the shape of examples/metal3/baremetalhost.yaml.
+#[test]
+fn local_serves_the_images_it_lists_and_the_metal3_example_takes_their_locations() {
+    use std::io::{BufRead, BufReader};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ims-operator"))
+        .args(["local", "-o", "wide", "--serve", "127.0.0.1:0", "--image-server-addr", "127.0.0.1:0"])
+        .args(["--data-dir", data.path().to_str().unwrap()])
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let lines = std::thread::spawn(move || stdout.lines().map_while(Result::ok).collect::<Vec<String>>());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("serving the API on") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("local stopped: {said}");
+        }
+        said.push_str(&line);
+    }
+    let kubeconfig = data.path().join("kubeconfig");
+    let kubectl = |args: &[&str]| {
+        let out = Command::new("kubectl").args(args).env("KUBECONFIG", &kubeconfig).output().unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let url = kubectl(&["get", "-n", "tenant-a", "image.ims.io/ubuntu-2404", "-o", "jsonpath={.status.location.url}"]);
+    let fetched = data.path().join("fetched");
+    let curl = Command::new("curl").args(["-sS", "-f", "-o"]).arg(&fetched).arg(&url).output().unwrap();
+    assert!(curl.status.success(), "curl {url}: {}", String::from_utf8_lossy(&curl.stderr));
+    let source = std::fs::read(root.join("examples/images/base-64m.qcow2")).unwrap();
+    assert!(std::fs::read(&fetched).unwrap() == source, "curl gets the example's bytes");
+    let bmh = Command::new(root.join("examples/metal3/image-to-bmh.sh"))
+        .args(["tenant-a", "ubuntu-2404", "worker-0"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert!(bmh.status.success(), "{}", String::from_utf8_lossy(&bmh.stderr));
+    let filled: serde_json::Value = serde_yaml_ng::from_slice(&bmh.stdout).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&source).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        filled["spec"]["image"],
+        serde_json::json!({"url": url, "checksum": digest, "checksumType": "sha256", "format": "qcow2"})
+    );
+    let example: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("examples/metal3/baremetalhost.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (example["apiVersion"].as_str(), example["kind"].as_str()),
+        (Some("metal3.io/v1alpha1"), Some("BareMetalHost"))
+    );
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&example["spec"]["image"]), keys(&filled["spec"]["image"]));
+    assert_eq!(example["spec"]["image"]["checksum"], digest, "the example's checksum is the example image's");
+    // Stopped, it serves no more.
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success());
+    let table = lines.join().unwrap().join("\n");
+    assert!(table.lines().next().unwrap().ends_with("URL"), "-o wide adds the URL column: {table}");
+    assert!(table.contains(&url), "the table shows the URL: {table}");
+    let after = Command::new("curl").args(["-sS", "-f", "-o", "/dev/null", &url]).output().unwrap();
+    assert!(!after.status.success(), "nothing serves after local stopped");
 }

@@ -107,7 +107,7 @@ scenarios! {
         assert_eq!((lineage.namespace.as_str(), lineage.name.as_str(), lineage.region.as_str()), (ns.as_str(), "base", a.as_str()));
         assert_eq!(dest.spec.description.as_deref(), Some("golden"));
         if env.server().is_some() {
-            let stored = std::fs::read(s.location.unwrap().url.strip_prefix("file://").unwrap()).unwrap();
+            let stored = std::fs::read(env.stored_file(&dest, "disk")).unwrap();
             assert_eq!(sha256(&stored), digest, "the bytes in region B's store hash to the source's sha256");
             assert!(stored_files(&env.region_dir(&b)).iter().all(|p| p.to_string_lossy().contains("/base-b/")));
         }

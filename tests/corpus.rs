@@ -921,8 +921,7 @@ scenarios! {
         env.stop_operator().await;
         config.fetch.file_roots = vec!["/".into()];
         env.start_operator_with(config);
-        let object = stored.status.unwrap().location.unwrap().url;
-        let in_store = object.strip_prefix("file://").unwrap().to_string();
+        let in_store = env.stored_file(&stored, "disk").display().to_string();
         let through_link = in_store.replace(&env.data_dir.path().display().to_string(), &root.join("link-store").display().to_string());
         let kernel = "it is in a kernel file system (/proc, /sys or /dev), not an image file";
         let store = "it is inside the operator's region stores";
@@ -930,7 +929,7 @@ scenarios! {
             refused("proc", "file:///proc/self/environ", &["refused to read /proc/self/environ: ", kernel]),
             refused("proc-link", &at("link-proc"), &[&format!("refused to read {}: {kernel}", root.join("link-proc").display())]),
             refused("sys", "file:///sys/kernel/does-not-matter", &["refused to read /sys/kernel/does-not-matter: ", kernel]),
-            refused("store", &object, &[&format!("refused to read {in_store}: {store}")]),
+            refused("store", &format!("file://{in_store}"), &[&format!("refused to read {in_store}: {store}")]),
             refused("store-link", &format!("file://{through_link}"), &[&format!("refused to read {through_link}: {store}")]),
         ];
         let images = run_cases(env, &ns, &env.region_dir(&r), &cases).await;

@@ -83,12 +83,13 @@ scenarios! {
             assert_eq!(location.checksum, format!("sha256:{digest}"));
             assert_eq!(status.progress.unwrap().percent, Some(100));
             assert!(active.finalizers().contains(&"ims.io/cleanup".to_string()));
-            if env.server().is_some() {
-                let path = location.url.strip_prefix("file://").unwrap();
-                let stored = std::fs::read(path).unwrap();
-                let stored_digest: String = Sha256::digest(&stored).iter().map(|b| format!("{b:02x}")).collect();
-                assert_eq!(stored_digest, digest, "{name}: the bytes in the store are the source's");
-            }
+            let stored = std::fs::read(env.stored_file(&active, "disk")).unwrap();
+            let stored_digest: String = Sha256::digest(&stored).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(stored_digest, digest, "{name}: the bytes in the store are the source's");
+            // And the image server serves exactly them at status.location.url.
+            let (code, _, served) = support::http_get(&location.url, &[]).await;
+            assert_eq!(code, 200, "{name}: {}", location.url);
+            assert!(served == stored, "{name}: the bytes served are the stored ones");
         }
         // Deleting removes the bytes.
         let gone = images.get("disk-qcow2").await.unwrap();
@@ -393,7 +394,7 @@ scenarios! {
         images.patch("broken", &PatchParams::apply("test"), &Patch::Apply(server("broken", broken))).await.unwrap();
 
         let active = env.wait_for(&images, "whole", reason_is("Active")).await.unwrap();
-        let status = active.status.unwrap();
+        let status = active.status.clone().unwrap();
         let sha = |p: &std::path::Path| -> String { Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect() };
         let expected = [(&system, "System", "Qcow2"), (&raw, "Data", "Raw"), (&data2, "Data", "Vhdx")];
         assert_eq!(status.disks.len(), 3, "status lists every disk");
@@ -407,10 +408,11 @@ scenarios! {
             assert_eq!(disk.size_bytes, Some(size));
             assert_eq!(disk.sha256.as_deref(), Some(sha(file).as_str()));
             let location = disk.location.clone().unwrap();
-            if env.server().is_some() {
-                let stored = std::path::PathBuf::from(location.url.strip_prefix("file://").unwrap());
-                assert_eq!(sha(&stored), sha(file), "the stored bytes of disk {} are the source's", disk.index);
-            }
+            let stored = env.stored_file(&active, &format!("disk-{}", disk.index));
+            assert_eq!(sha(&stored), sha(file), "the stored bytes of disk {} are the source's", disk.index);
+            let (code, _, served) = support::http_get(&location.url, &[]).await;
+            assert_eq!(code, 200);
+            assert!(served == std::fs::read(&stored).unwrap(), "disk {} is served as stored", disk.index);
         }
         assert_eq!(status.size_bytes, Some(total), "sizeBytes counts every disk");
         assert_eq!(status.format.as_deref(), Some("Qcow2"), "the image's own format is its system disk's");

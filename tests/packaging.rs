@@ -170,6 +170,7 @@ fn every_branch_values() -> Value {
         "admissionPolicies": false,
         "storesClaimName": "ims-stores",
         "image": {"repository": "registry.example.com/ims-operator", "tag": "0.2.0"},
+        "imageServer": {"port": 9443, "baseURL": "https://images.example.com", "tlsSecretName": "ims-images-tls", "keySecretName": "ims-key", "serviceType": "LoadBalancer"},
     })
 }
 
@@ -552,6 +553,7 @@ fn every_rendered_object_is_made_of_real_kubernetes_fields() {
             "ConfigMap" => round_trip::<ConfigMap>(&doc),
             "Namespace" => round_trip::<Namespace>(&doc),
             "ServiceAccount" => round_trip::<ServiceAccount>(&doc),
+            "Service" => round_trip::<k8s_openapi::api::core::v1::Service>(&doc),
             "ClusterRole" => round_trip::<ClusterRole>(&doc),
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&doc),
             "Role" => round_trip::<Role>(&doc),

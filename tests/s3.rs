@@ -273,8 +273,14 @@ scenarios! {
         assert_eq!(status.checksum.unwrap().sha256, digest);
         let location = status.location.unwrap();
         let prefix = format!("regions/{region_name}/{ns}/disk/{uid}/");
-        assert_eq!(location.url, format!("s3://{BUCKET}/{prefix}disk"));
         assert_eq!(location.checksum, format!("sha256:{digest}"));
+        // The image server streams the object from the bucket, whole or a range.
+        let (code, _, served) = support::http_get(&location.url, &[]).await;
+        assert_eq!(code, 200, "{}", location.url);
+        assert!(served == source, "the image server serves the bucket's bytes");
+        let (code, headers, part) = support::http_get(&location.url, &[("Range", "bytes=100-1099")]).await;
+        assert_eq!((code, headers.get("content-range").and_then(|v| v.to_str().ok())), (206, Some(format!("bytes 100-1099/{}", source.len()).as_str())));
+        assert!(part == source[100..1100]);
 
         // The bytes, as moto holds them.
         assert_eq!(moto.keys(BUCKET, &prefix).await, [format!("{prefix}disk")]);
@@ -295,7 +301,7 @@ scenarios! {
         let listed = store.list(&store.image_prefix(&ns, "disk", &uid)).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].1, source.len() as u64);
-        assert_eq!(store.object_url(&listed[0].0), location.url);
+        assert_eq!(store.object_url(&listed[0].0), format!("s3://{BUCKET}/{prefix}disk"));
         let read = store.object_store().get(&listed[0].0).await.unwrap().bytes().await.unwrap();
         assert_eq!(hex_sha256(&read), digest);
 

@@ -88,7 +88,12 @@ scenarios! {
             let src = source.status.clone().unwrap();
             assert_eq!(status.phase, Some(ImagePhase::Active));
             assert_eq!(status.source.unwrap().uid, source.uid().unwrap(), "bound to the source's uid");
-            assert_eq!(status.location, src.location, "location mirrors the source's");
+            let (mine, theirs) = (status.location.clone().unwrap(), src.location.clone().unwrap());
+            assert_eq!((&mine.checksum, &mine.format), (&theirs.checksum, &theirs.format), "the source's bytes");
+            let own = format!("/v1/images/{tenant}/mine/{}/disk/", active.metadata.uid.clone().unwrap());
+            assert!(mine.url.contains(&own), "a URL of the reference's own: {}", mine.url);
+            let (code, _, served) = support::http_get(&mine.url, &[]).await;
+            assert_eq!((code, served), (200, vec![1u8; 20_000]), "the reference serves the source's bytes");
             assert_eq!((status.size_bytes, status.format), (src.size_bytes, src.format));
         }
         let accepted = env

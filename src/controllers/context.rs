@@ -42,6 +42,8 @@ pub struct Config {
     pub readiness: crate::admin::Readiness,
     /// Prometheus metrics (`/metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The image server (`None`: locations stay the stores' own URLs, as in unit tests).
+    pub delivery: Option<crate::delivery::DeliveryConfig>,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             progress_every: Duration::from_secs(2),
             readiness: crate::admin::Readiness::default(),
             metrics: Arc::default(),
+            delivery: None,
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct Context {
     pub moves: Arc<Moves>,
     /// The quota ledgers (one writer task per namespace).
     pub ledger: ledger::Ledger,
+    /// The image server's base URL and current key, when it runs.
+    pub delivery: Option<crate::delivery::Delivery>,
 }
 
 /// A DataDisk Image `t/name` with `uid`, being deleted or not, for controller unit tests.
@@ -168,6 +173,7 @@ impl Context {
                 client,
                 kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
             ),
+            delivery: None,
         };
         (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer, regions: regions_writer })
     }

@@ -298,6 +298,43 @@ async fn refresh_gauges(ctx: Arc<Context>) {
     }
 }
 
+/// The image server and what keeps it current (its key and certificate Secrets), for as long as
+/// the returned guards live: a key rotation re-runs every Active image, which writes its new
+/// locations (one status write each).
+fn serve_images(
+    ctx: &Arc<Context>,
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    triggers: &Triggers,
+    key: tokio::sync::watch::Sender<Option<crate::delivery::Key>>,
+    delivery: crate::delivery::Delivery,
+    config: crate::delivery::DeliveryConfig,
+) -> Vec<AbortOnDrop<()>> {
+    use crate::{api::ImagePhase, delivery};
+    let rotated = {
+        let (images, t) = (ctx.images.clone(), triggers.clone());
+        move || {
+            t.images(
+                images
+                    .state()
+                    .iter()
+                    .filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(ImagePhase::Active))
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect(),
+            )
+        }
+    };
+    let mut tasks =
+        vec![AbortOnDrop(tokio::spawn(delivery::key::keep_current(secrets.clone(), config.key_secret, key, rotated)))];
+    let tls = config.tls_secret.map(|name| {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        tasks.push(AbortOnDrop(tokio::spawn(delivery::tls::keep_current(secrets.clone(), name, tx))));
+        rx
+    });
+    let serving = delivery::http::serve(config.listener, ctx.clone(), delivery.keys, tls, config.limits);
+    tasks.push(AbortOnDrop(tokio::spawn(serving)));
+    tasks
+}
+
 /// A spawned task that is aborted when this guard is dropped.
 pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
@@ -377,6 +414,15 @@ pub async fn run(
         _ = ready => {}
         _ = shutdown.clone() => return,
     }
+    // The image server's key, before any image writes its locations.
+    let delivery_config = config.delivery.clone();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &config.operator_namespace);
+    let mut delivery = None;
+    if let Some(dc) = &delivery_config {
+        let Some(key) = crate::delivery::first_key(&secrets, dc, shutdown.clone()).await else { return };
+        let (tx, keys) = tokio::sync::watch::channel(Some(key));
+        delivery = Some((tx, crate::delivery::Delivery { base_url: dc.base_url.clone(), keys }));
+    }
     let ledger = ledger::Ledger::new(
         client.clone(),
         config.policy.clone(),
@@ -407,7 +453,10 @@ pub async fn run(
                 instance: std::env::var("HOSTNAME").ok(),
             },
         ),
+        delivery: delivery.as_ref().map(|(_, d)| d.clone()),
     });
+    let _delivery =
+        delivery.zip(delivery_config).map(|((tx, d), dc)| serve_images(&ctx, &secrets, &triggers, tx, d, dc));
     let controllers: Vec<BoxFuture<'static, ()>> = vec![
         Box::pin(region::run(ctx.clone(), region_rx, shutdown.clone())),
         Box::pin(image::run(ctx.clone(), image_rx, shutdown.clone())),

@@ -5,17 +5,9 @@
 //! source with the uid it is bound to. Every refusal is the same `404`, whether or not the
 //! image exists.
 
-use std::{convert::Infallible, sync::Arc};
-
-use bytes::Bytes;
-use futures::TryStreamExt;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
-use hyper::{body::Frame, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::{StatusCode, header};
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
-use tokio::net::TcpListener;
+use object_store::ObjectStoreExt;
 
 use super::{Capability, Key, Ranged, ranged};
 use crate::{
@@ -26,9 +18,6 @@ use crate::{
 
 /// The one answer to every path that is not a readable disk.
 pub const NOT_FOUND: &str = "404 page not found\n";
-
-/// A response body: a stored object's stream, or a short text.
-pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// The stored object a capability reads.
 #[derive(Clone, Debug)]
@@ -77,202 +66,98 @@ pub fn resolve(ctx: &Context, capability: &Capability) -> Option<Readable> {
     Some(Readable { store, object, sha256 })
 }
 
-/// Serves capability paths on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, key: tokio::sync::watch::Receiver<Option<Key>>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (ctx, key) = (ctx.clone(), key.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let (ctx, key) = (ctx.clone(), key.borrow().clone());
-                async move { Ok::<_, Infallible>(answer(&ctx, key.as_ref(), req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
+/// What a request gets: a short text, or bytes of a stored object.
+#[derive(Debug)]
+pub enum Reply {
+    /// A short text answer: a refusal, or 416 for a range past the end.
+    Text {
+        /// The status.
+        status: StatusCode,
+        /// The body.
+        body: &'static str,
+        /// Headers besides Content-Type and Content-Length (Allow, Content-Range).
+        headers: Vec<(header::HeaderName, String)>,
+    },
+    /// Bytes `range` of a stored object of `total` bytes: 200 (all of it) or 206.
+    Object {
+        /// 200 or 206.
+        status: StatusCode,
+        /// The object.
+        readable: Box<Readable>,
+        /// The bytes to send.
+        range: std::ops::Range<u64>,
+        /// The object's size.
+        total: u64,
+    },
+}
+
+impl Reply {
+    /// The one 404.
+    pub fn not_found() -> Reply {
+        Reply::Text { status: StatusCode::NOT_FOUND, body: NOT_FOUND, headers: Vec::new() }
+    }
+
+    /// A short text with `status`.
+    pub fn text(status: StatusCode, body: &'static str) -> Reply {
+        Reply::Text { status, body, headers: Vec::new() }
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response =
-        Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed_unsync());
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
+/// What one request asks: its method, path (no query), and Range and If-Range headers.
+#[derive(Clone, Debug, Default)]
+pub struct Asked<'a> {
+    /// `GET`, `HEAD`, ...
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The `Range` header.
+    pub range: Option<&'a str>,
+    /// The `If-Range` header: a range is honoured only when it names the current ETag.
+    pub if_range: Option<&'a str>,
 }
 
-/// The answer to one request.
-pub async fn answer<B>(ctx: &Context, key: Option<&Key>, req: Request<B>) -> Response<Body> {
-    let not_found = || text(StatusCode::NOT_FOUND, NOT_FOUND);
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+/// The size of the stored object, if it is there.
+async fn size_of(readable: &Readable) -> Option<u64> {
+    match readable.store.local_file(&readable.object) {
+        Some(file) => tokio::fs::metadata(file).await.ok().filter(|m| m.is_file()).map(|m| m.len()),
+        None => readable.store.object_store().head(&readable.object).await.ok().map(|m| m.size),
     }
-    let Some(capability) = key.and_then(|key| Capability::verify(req.uri().path(), key)) else { return not_found() };
-    let Some(readable) = resolve(ctx, &capability) else { return not_found() };
-    let store = readable.store.object_store().clone();
-    let Ok(meta) = store.head(&readable.object).await else { return not_found() };
-    let len = meta.size;
-    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, bytes) = match ranged(range, len) {
-        Ranged::Full => (StatusCode::OK, 0..len),
+}
+
+/// The `ETag` of a disk: its sha256, quoted.
+pub fn etag(readable: &Readable) -> String {
+    format!("\"{}\"", readable.sha256)
+}
+
+/// The answer to one request: authorized against the caches of `ctx` under `key` (none yet:
+/// every path is unknown), then sized from the store.
+pub async fn answer(ctx: &Context, key: Option<&Key>, asked: &Asked<'_>) -> Reply {
+    if asked.method != "GET" && asked.method != "HEAD" {
+        let headers = vec![(header::ALLOW, "GET, HEAD".to_string())];
+        return Reply::Text { status: StatusCode::METHOD_NOT_ALLOWED, body: "method not allowed\n", headers };
+    }
+    let Some(capability) = key.and_then(|key| Capability::verify(asked.path, key)) else { return Reply::not_found() };
+    let Some(readable) = resolve(ctx, &capability) else { return Reply::not_found() };
+    let Some(total) = size_of(&readable).await else { return Reply::not_found() };
+    let range = match asked.if_range {
+        Some(tag) if tag.trim() != etag(&readable) => None,
+        _ => asked.range,
+    };
+    let (status, range) = match ranged(range, total) {
+        Ranged::Full => (StatusCode::OK, 0..total),
         Ranged::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start..end + 1),
         Ranged::Unsatisfiable => {
-            let mut response = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
-                response.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            return response;
+            let headers = vec![(header::CONTENT_RANGE, format!("bytes */{total}"))];
+            return Reply::Text { status: StatusCode::RANGE_NOT_SATISFIABLE, body: "range not satisfiable\n", headers };
         }
     };
-    let body: Body = if req.method() == Method::HEAD || bytes.is_empty() {
-        Full::new(Bytes::new()).map_err(|e| match e {}).boxed_unsync()
-    } else {
-        let options = GetOptions { range: Some(GetRange::Bounded(bytes.clone())), ..Default::default() };
-        match store.get_opts(&readable.object, options).await {
-            Ok(got) => {
-                let frames = got.into_stream().map_ok(Frame::data).map_err(std::io::Error::other);
-                BodyExt::boxed_unsync(StreamBody::new(frames))
-            }
-            Err(_) => return not_found(),
-        }
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    let mut set = |name, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(name, v);
-        }
-    };
-    set(header::CONTENT_LENGTH, (bytes.end - bytes.start).to_string());
-    set(header::ETAG, format!("\"{}\"", readable.sha256));
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(header::CONTENT_RANGE, format!("bytes {}-{}/{len}", bytes.start, bytes.end - 1));
-    }
-    response
+    Reply::Object { status, readable: Box::new(readable), range, total }
 }
 
-#[cfg(test)]
-mod tests {
-    use kube::runtime::watcher;
-    use serde_json::json;
-
-    use super::*;
-    use crate::store::{RegionStore, StoreConfig};
-
-    fn image(namespace: &str, name: &str, uid: &str, spec: serde_json::Value, status: serde_json::Value) -> Image {
-        serde_json::from_value(json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid}, "spec": spec, "status": status}))
-        .unwrap()
-    }
-
-    async fn get(
-        ctx: &Context,
-        key: &Key,
-        path: &str,
-        range: Option<&str>,
-        method: Method,
-    ) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(range) = range {
-            req = req.header(header::RANGE, range);
-        }
-        let response = answer(ctx, Some(key), req.body(()).unwrap()).await;
-        let status = response.status();
-        let headers =
-            response.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
-        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
-        (status, headers, body)
-    }
-
-    fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-
-    /// Exactly the stored bytes, whole, in a range, or as headers only; and one and the same
-    /// 404 for a tampered token, a replaced image, one not Active, and a reference without a
-    /// grant, while a granted reference reads its source's bytes.
-    #[tokio::test]
-    async fn serves_the_stored_bytes_only_to_a_valid_capability() {
-        let (client, _) = crate::controllers::test_api(&[]).await;
-        let (ctx, mut caches) = Context::for_test(client);
-        let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig { file_url_root: "/var/lib/ims".into(), file_dir: dir.path().into() };
-        let spec = crate::api::RegionStorage { url: "file:///var/lib/ims/r".into(), ..Default::default() };
-        let store = RegionStore::open(&spec, &config, None).unwrap();
-        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let object = store.image_prefix("owner", "img", "u1").join("disk");
-        store.object_store().put(&object, bytes.clone().into()).await.unwrap();
-        ctx.stores.lock().unwrap().insert("r".into(), store);
-        let active = json!({"phase": "Active", "checksum": {"sha256": "abc"}});
-        let owned = json!({"region": "r", "type": "DataDisk", "visibility": "Marketplace", "source": {"url": {"url": "https://x/y"}}});
-        let reference = json!({"region": "r", "source": {"image": {"namespace": "owner", "name": "img"}}});
-        let bound = json!({"phase": "Active", "source": {"uid": "u1"}});
-        for i in [
-            image("owner", "img", "u1", owned.clone(), active.clone()),
-            image("owner", "saving", "u2", owned.clone(), json!({"phase": "Saving"})),
-            image("tenant", "ref", "u3", reference.clone(), bound.clone()),
-        ] {
-            caches.images.apply_watcher_event(&watcher::Event::Apply(i));
-        }
-        let key = Key::from_bytes(&[7u8; 32]).unwrap();
-        let path = |ns: &str, name: &str, uid: &str| {
-            Capability { namespace: ns.into(), name: name.into(), uid: uid.into(), disk: "disk".into() }.path(&key)
-        };
-
-        let (status, headers, body) = get(&ctx, &key, &path("owner", "img", "u1"), None, Method::GET).await;
-        assert_eq!((status, body.len()), (StatusCode::OK, bytes.len()));
-        assert!(body == bytes, "exactly the stored bytes");
-        assert_eq!(header_of(&headers, "content-length"), Some("100000"));
-        assert_eq!(header_of(&headers, "etag"), Some("\"abc\""));
-        assert_eq!(header_of(&headers, "accept-ranges"), Some("bytes"));
-        let (status, headers, body) = get(&ctx, &key, &path("owner", "img", "u1"), None, Method::HEAD).await;
-        assert_eq!((status, body.len(), header_of(&headers, "content-length")), (StatusCode::OK, 0, Some("100000")));
-        let (status, headers, body) =
-            get(&ctx, &key, &path("owner", "img", "u1"), Some("bytes=1000-1999"), Method::GET).await;
-        assert_eq!(status, StatusCode::PARTIAL_CONTENT);
-        assert!(body == bytes[1000..2000]);
-        assert_eq!(header_of(&headers, "content-range"), Some("bytes 1000-1999/100000"));
-        let (status, headers, _) =
-            get(&ctx, &key, &path("owner", "img", "u1"), Some("bytes=100000-"), Method::GET).await;
-        assert_eq!(
-            (status, header_of(&headers, "content-range")),
-            (StatusCode::RANGE_NOT_SATISFIABLE, Some("bytes */100000"))
-        );
-
-        // A granted reference (the source is Marketplace) reads the source's bytes.
-        let (status, _, body) = get(&ctx, &key, &path("tenant", "ref", "u3"), None, Method::GET).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(body == bytes);
-
-        let good = path("owner", "img", "u1");
-        let refused = [
-            good.replace("/u1/", "/u9/"),
-            format!("{}A", &good[..good.len() - 1]),
-            path("owner", "img", "u9"),
-            path("owner", "saving", "u2"),
-            path("owner", "missing", "u4"),
-            "/v1/images/owner/img/u1/disk/".into(),
-            "/".into(),
-        ];
-        for bad in &refused {
-            let (status, _, body) = get(&ctx, &key, bad, None, Method::GET).await;
-            assert_eq!((status, body.as_slice()), (StatusCode::NOT_FOUND, NOT_FOUND.as_bytes()), "{bad}");
-        }
-        // The source made Private (no ImageShare): the reference's URL stops at once.
-        caches.images.apply_watcher_event(&watcher::Event::Apply(image(
-            "owner",
-            "img",
-            "u1",
-            json!({"region": "r", "type": "DataDisk", "source": {"url": {"url": "https://x/y"}}}),
-            active,
-        )));
-        let (status, _, body) = get(&ctx, &key, &path("tenant", "ref", "u3"), None, Method::GET).await;
-        assert_eq!((status, body.as_slice()), (StatusCode::NOT_FOUND, NOT_FOUND.as_bytes()));
-        let (status, _, _) = get(&ctx, &key, &path("owner", "img", "u1"), None, Method::POST).await;
-        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    }
+/// Whether `capability` still reads `object` now (the grant held, the key unchanged): checked
+/// between the chunks of a body, so a revocation cuts a transfer in flight.
+pub fn still_readable(ctx: &Context, key: Option<&Key>, path: &str, object: &object_store::path::Path) -> bool {
+    key.and_then(|key| Capability::verify(path, key))
+        .and_then(|capability| resolve(ctx, &capability))
+        .is_some_and(|now| &now.object == object)
 }

@@ -12,9 +12,21 @@ pub const PREFIX: &str = "/v1/images/";
 pub const KEY_BYTES: usize = 32;
 const VERSION: &[u8] = b"ims-delivery-v1";
 
-/// The delivery key (from the Secret's `hmac` entry).
+/// The delivery key (from the Secret's `hmac` entry). Two keys are equal when their bytes are.
 #[derive(Clone)]
-pub struct Key(hmac::Key);
+pub struct Key {
+    hmac: hmac::Key,
+    /// A digest of the bytes, to tell a rotation from a re-read of the same key.
+    id: [u8; 32],
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Key {}
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -25,7 +37,9 @@ impl std::fmt::Debug for Key {
 impl Key {
     /// A key from its bytes; `None` unless there are [`KEY_BYTES`] of them.
     pub fn from_bytes(bytes: &[u8]) -> Option<Key> {
-        (bytes.len() == KEY_BYTES).then(|| Key(hmac::Key::new(hmac::HMAC_SHA256, bytes)))
+        let id = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let id = <[u8; 32]>::try_from(id.as_ref()).ok()?;
+        (bytes.len() == KEY_BYTES).then(|| Key { hmac: hmac::Key::new(hmac::HMAC_SHA256, bytes), id })
     }
 
     /// Fresh random key bytes, for a new Secret.
@@ -61,7 +75,7 @@ impl Capability {
 
     /// The URL path of this capability under `key`.
     pub fn path(&self, key: &Key) -> String {
-        let tag = hmac::sign(&key.0, &self.message());
+        let tag = hmac::sign(&key.hmac, &self.message());
         let token = URL_SAFE_NO_PAD.encode(tag.as_ref());
         format!("{PREFIX}{}/{}/{}/{}/{token}", self.namespace, self.name, self.uid, self.disk)
     }
@@ -85,7 +99,7 @@ impl Capability {
             disk: disk.to_string(),
         };
         let tag = URL_SAFE_NO_PAD.decode(token).ok()?;
-        hmac::verify(&key.0, &capability.message(), &tag).ok()?;
+        hmac::verify(&key.hmac, &capability.message(), &tag).ok()?;
         Some(capability)
     }
 }
@@ -139,5 +153,7 @@ mod tests {
         assert!(Key::from_bytes(&[0u8; 31]).is_none());
         assert!(Key::from_bytes(&[0u8; 32]).is_some());
         assert_ne!(Key::generate().unwrap(), Key::generate().unwrap());
+        assert_eq!(Key::from_bytes(&[1u8; 32]), Key::from_bytes(&[1u8; 32]));
+        assert_ne!(Key::from_bytes(&[1u8; 32]), Key::from_bytes(&[2u8; 32]));
     }
 }

@@ -48,8 +48,15 @@ pub struct Env {
     pub policy: Policy,
     /// Where the in-process operator's file:// region stores live.
     pub data_dir: tempfile::TempDir,
+    /// The in-process operator's image server listener (one per scenario, so a restarted
+    /// operator keeps its URLs), on 127.0.0.1.
+    pub images: std::sync::Arc<tokio::net::TcpListener>,
     /// A cluster scenario's turn (see [`CLUSTER_TURN`]), held until it ends.
     _turn: Option<tokio::sync::MutexGuard<'static, ()>>,
+}
+
+async fn image_listener() -> std::sync::Arc<tokio::net::TcpListener> {
+    std::sync::Arc::new(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for the image server"))
 }
 
 /// One cluster scenario at a time in a test binary.
@@ -74,7 +81,11 @@ impl Env {
     pub async fn embedded() -> Env {
         log_if_asked();
         let server = api::embedded();
+        // The operator's namespace (its image key Secret lives there), as deploy/ makes it.
+        let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": "ims-system"}})).expect("a Namespace");
+        Api::<Namespace>::all(server.client()).create(&PostParams::default(), &ns).await.expect("ims-system");
         Env {
+            images: image_listener().await,
             client: server.client(),
             operator_client: server.client(),
             backend: Backend::Embedded(server),
@@ -106,6 +117,7 @@ impl Env {
         }
         let operator_client = operator_identity(&client).await;
         Env {
+            images: image_listener().await,
             client,
             operator_client,
             backend: Backend::Cluster,
@@ -120,6 +132,15 @@ impl Env {
     /// The directory of a region's file store (`file:///var/lib/ims/<region>`).
     pub fn region_dir(&self, region: &str) -> std::path::PathBuf {
         self.data_dir.path().join(region)
+    }
+
+    /// The file of one disk (`disk`, `disk-<index>`) of an image in its region's file store
+    /// (`file:///var/lib/ims/<region>`; the in-process operator's stores are on this machine).
+    pub fn stored_file(&self, image: &api::Image, disk: &str) -> std::path::PathBuf {
+        let ns = image.metadata.namespace.as_deref().expect("a namespaced image");
+        let name = image.metadata.name.as_deref().expect("a named image");
+        let uid = image.metadata.uid.as_deref().expect("an image with a uid");
+        self.region_dir(&image.spec.region).join(ns).join(name).join(uid).join(disk)
     }
 
     /// The embedded server, for scenarios that inspect it (None on a cluster).
@@ -156,6 +177,13 @@ impl Env {
             progress_every: Duration::from_millis(200),
             readiness: Default::default(),
             metrics: Default::default(),
+            delivery: Some(ims_operator::delivery::DeliveryConfig {
+                listener: self.images.clone(),
+                base_url: format!("http://{}", self.images.local_addr().expect("bound")),
+                key_secret: ims_operator::delivery::key::DEFAULT_SECRET.into(),
+                tls_secret: None,
+                limits: Default::default(),
+            }),
         }
     }
 
@@ -413,6 +441,21 @@ pub async fn region_ready(env: &Env, name: &str) {
             .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     })
     .await;
+}
+
+/// What a GET of `url` answered: its status, headers, and body (read whole).
+pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut request = http::Request::get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client.request(request.body(Default::default()).expect("a request")).await.expect("an answer");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the whole body").to_bytes().to_vec();
+    (parts.status.as_u16(), parts.headers, body)
 }
 
 /// Whether `qemu-img` runs here; without it a scenario that needs it says so and skips, unless

@@ -87,8 +87,10 @@ async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error
 }
 
 async fn write(ctx: &Context, api: &Api<Image>, image: &Image, desired: &ImageStatus) -> Result<(), Error> {
-    announce(ctx, image, desired).await;
-    status::apply_status(api, &image.name_any(), MANAGER, image.status.as_ref(), desired).await?;
+    // An Active image's locations are capabilities on the image server, of this image's uid.
+    let desired = crate::delivery::locations(ctx.delivery.as_ref(), image, desired.clone());
+    announce(ctx, image, &desired).await;
+    status::apply_status(api, &image.name_any(), MANAGER, image.status.as_ref(), &desired).await?;
     Ok(())
 }
 
