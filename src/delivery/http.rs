@@ -23,7 +23,7 @@ use tokio::{
 
 use super::{
     Key,
-    server::{self, Asked, NOT_FOUND, Readable, Reply},
+    server::{self, Asked, Readable, Reply},
 };
 use crate::controllers::Context;
 
@@ -343,7 +343,6 @@ async fn write_text<C: Conn>(
 ) -> io::Result<()> {
     let head = head_text(status, &text_headers(body, extra), close);
     let body = if head_only { "" } else { body };
-    debug_assert!(status != StatusCode::NOT_FOUND || body.is_empty() || body == NOT_FOUND);
     write_timed(conn, format!("{head}{body}").as_bytes(), limits).await?;
     conn.flush().await
 }
@@ -466,7 +465,7 @@ mod tests {
     use super::*;
     use crate::{
         api::Image,
-        delivery::Capability,
+        delivery::{Capability, server::NOT_FOUND},
         store::{RegionStore, StoreConfig},
     };
 

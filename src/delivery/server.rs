@@ -96,11 +96,6 @@ impl Reply {
     pub fn not_found() -> Reply {
         Reply::Text { status: StatusCode::NOT_FOUND, body: NOT_FOUND, headers: Vec::new() }
     }
-
-    /// A short text with `status`.
-    pub fn text(status: StatusCode, body: &'static str) -> Reply {
-        Reply::Text { status, body, headers: Vec::new() }
-    }
 }
 
 /// What one request asks: its method, path (no query), and Range and If-Range headers.
