@@ -720,7 +720,7 @@ async fn first_wave(w: &World) {
     w.image(
         &own,
         "market",
-        json!({"region": r1, "type": "DataDisk", "visibility": "Marketplace", "source": source}),
+        json!({"region": r1, "type": "DataDisk", "visibility": "Marketplace", "marketplace": {"publisher": "Test", "productCode": "test", "pricing": {"plan": "Free"}}, "source": source}),
         Want::Active,
     )
     .await;

@@ -142,7 +142,7 @@ scenarios! {
         support::region(env, &name).await;
         env.start_operator();
         let image = |n: &str| json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": n},
-            "spec": {"region": name, "type": "DataDisk", "visibility": "Marketplace", "source": {"url": {"url": format!("http://{addr}/d.raw")}}}});
+            "spec": {"region": name, "type": "DataDisk", "visibility": "Marketplace", "marketplace": {"publisher": "Test", "productCode": "test", "pricing": {"plan": "Free"}}, "source": {"url": {"url": format!("http://{addr}/d.raw")}}}});
         support::apply(&images, image("kept")).await;
         env.wait_for(&images, "kept", reason_is("Active")).await;
         support::apply(&theirs, json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": "ref"},

@@ -130,6 +130,20 @@ fn image() -> Value {
     })
 }
 
+/// `image()` as a Marketplace image with `pricing`.
+fn marketplace(pricing: Value) -> Value {
+    with(
+        image(),
+        &[
+            ("spec.visibility", Some(json!("Marketplace"))),
+            (
+                "spec.marketplace",
+                Some(json!({"publisher": "Acme Software", "productCode": "tool", "pricing": pricing})),
+            ),
+        ],
+    )
+}
+
 fn share() -> Value {
     json!({
         "apiVersion": "ims.io/v1alpha1",
@@ -541,6 +555,80 @@ fn real_crds_answer_like_kube_apiserver() {
             with(quota("default"), &[("spec.concurrentImports", Some(json!(-1)))]),
             &[
                 "spec.concurrentImports: Invalid value: -1: spec.concurrentImports in body should be greater than or equal to 0",
+            ],
+        ),
+        case("a Marketplace image with its terms", "Image", None, marketplace(json!({"plan": "Free"})), &[]),
+        case(
+            "a Paid Marketplace image with its price",
+            "Image",
+            None,
+            marketplace(json!({"plan": "Paid", "hourlyPrice": "0.05", "currency": "USD"})),
+            &[],
+        ),
+        case(
+            "a Marketplace image needs its terms",
+            "Image",
+            None,
+            with(image(), &[("spec.visibility", Some(json!("Marketplace")))]),
+            &[
+                "spec.marketplace: Invalid value: a Marketplace image needs marketplace (publisher, productCode, pricing.plan): say who sells it and at what price",
+            ],
+        ),
+        case(
+            "terms only on a Marketplace image",
+            "Image",
+            None,
+            with(marketplace(json!({"plan": "Free"})), &[("spec.visibility", Some(json!("Private")))]),
+            &[
+                "spec.marketplace: Invalid value: marketplace is only for visibility: Marketplace images: set visibility: Marketplace, or remove marketplace",
+            ],
+        ),
+        case(
+            "a reference takes its source's terms",
+            "Image",
+            None,
+            with(
+                marketplace(json!({"plan": "Free"})),
+                &[("spec.source", Some(json!({"image": {"namespace": "pub", "name": "m"}}))), ("spec.os", None)],
+            ),
+            &[
+                "spec.marketplace: Invalid value: a reference takes its Marketplace terms from its source: remove marketplace",
+            ],
+        ),
+        case(
+            "a Paid plan needs a price",
+            "Image",
+            None,
+            marketplace(json!({"plan": "Paid", "currency": "USD"})),
+            &[
+                r#"spec.marketplace.pricing: Invalid value: a Paid plan needs hourlyPrice (a decimal, e.g. "0.05") and currency (ISO 4217, e.g. USD)"#,
+            ],
+        ),
+        case(
+            "a Free plan has no price",
+            "Image",
+            None,
+            marketplace(json!({"plan": "Free", "hourlyPrice": "1"})),
+            &[
+                "spec.marketplace.pricing: Invalid value: a Free plan has no price: remove hourlyPrice and currency, or set plan: Paid",
+            ],
+        ),
+        case(
+            "price, currency, product code and publisher are checked",
+            "Image",
+            None,
+            with(
+                marketplace(json!({"plan": "Paid", "hourlyPrice": "0.5e3", "currency": "usd"})),
+                &[
+                    ("spec.marketplace.productCode", Some(json!("Tool_1"))),
+                    ("spec.marketplace.publisher", Some(json!(" Acme"))),
+                ],
+            ),
+            &[
+                r#"spec.marketplace.pricing.currency: Invalid value: "usd": spec.marketplace.pricing.currency in body should match '^[A-Z]{3}$'"#,
+                r#"spec.marketplace.pricing.hourlyPrice: Invalid value: "0.5e3": spec.marketplace.pricing.hourlyPrice in body should match '^(0|[1-9][0-9]{0,8})(\.[0-9]{1,6})?$'"#,
+                r#"spec.marketplace.productCode: Invalid value: "Tool_1": spec.marketplace.productCode in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"#,
+                r#"spec.marketplace.publisher: Invalid value: " Acme": spec.marketplace.publisher in body should match '^\S(.*\S)?$'"#,
             ],
         ),
         case("valid copy", "ImageCopy", None, copy(), &[]),

@@ -22,6 +22,9 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Visibility", type_ = "string", json_path = ".spec.visibility"),
+    printcolumn(name = "Publisher", type_ = "string", priority = 1, json_path = ".spec.marketplace.publisher"),
+    printcolumn(name = "Product", type_ = "string", priority = 1, json_path = ".spec.marketplace.productCode"),
+    printcolumn(name = "Plan", type_ = "string", priority = 1, json_path = ".spec.marketplace.pricing.plan"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
         name = "Size",
@@ -48,7 +51,16 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
         .field_path(".os"),
     validation = Rule::new("!has(self.source.disks) || (has(self.type) && self.type == 'FullServer')")
         .message("source.disks is only for FullServer images: use source.url for a single disk, or set type: FullServer")
-        .field_path(".source.disks")
+        .field_path(".source.disks"),
+    validation = Rule::new("!has(self.marketplace) || (has(self.visibility) && self.visibility == 'Marketplace')")
+        .message("marketplace is only for visibility: Marketplace images: set visibility: Marketplace, or remove marketplace")
+        .field_path(".marketplace"),
+    validation = Rule::new("!has(self.marketplace) || !has(self.source.image)")
+        .message("a reference takes its Marketplace terms from its source: remove marketplace")
+        .field_path(".marketplace"),
+    validation = Rule::new("!has(self.visibility) || self.visibility != 'Marketplace' || has(self.marketplace) || has(self.source.image)")
+        .message("a Marketplace image needs marketplace (publisher, productCode, pricing.plan): say who sells it and at what price")
+        .field_path(".marketplace")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
@@ -67,6 +79,11 @@ pub struct ImageSpec {
     /// tenant for all tenants).
     #[serde(default)]
     pub visibility: Visibility,
+    /// The terms of a `Marketplace` image: who sells it and at what price. Required with
+    /// `visibility: Marketplace`, not allowed otherwise (and never on a reference, which takes
+    /// its source's terms). Copies of a Marketplace image stay bound by them (`status.lineage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketplace: Option<Marketplace>,
     /// Operating system of a SystemDisk or FullServer image. Required for those types,
     /// unless the image is a reference (`source.image`), which takes it from its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,6 +153,65 @@ pub enum Visibility {
     Public,
     /// Published by a tenant for every tenant.
     Marketplace,
+}
+
+/// The terms a Marketplace image is published under.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Marketplace {
+    /// The seller's name as buyers see it, e.g. `Acme Software`. Display only: the publisher
+    /// that counts (the only tenant that may copy a Paid image) is the image's namespace.
+    #[schemars(length(min = 1, max = 128), pattern(super::DISPLAY_NAME))]
+    pub publisher: String,
+    /// The product's code in the billing system (lower-case letters, digits and `-`), e.g.
+    /// `hardened-ubuntu`. The usage metric `ims_marketplace_references` carries it.
+    #[schemars(length(min = 1, max = 63), pattern(super::DNS_LABEL))]
+    pub product_code: String,
+    /// What using the image costs.
+    pub pricing: Pricing,
+}
+
+/// The price of a Marketplace image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.plan != 'Paid' || (has(self.hourlyPrice) && has(self.currency))")
+        .message("a Paid plan needs hourlyPrice (a decimal, e.g. \"0.05\") and currency (ISO 4217, e.g. USD)"),
+    validation = Rule::new("self.plan != 'Free' || (!has(self.hourlyPrice) && !has(self.currency))")
+        .message("a Free plan has no price: remove hourlyPrice and currency, or set plan: Paid")
+)]
+pub struct Pricing {
+    /// `Free`, or `Paid`: then only the publisher's tenant may copy the image (or any copy of
+    /// it); other tenants use it through references, metered per hour.
+    pub plan: Plan,
+    /// For `Paid`: the price of one reference to the image for one hour, in `currency`, as a
+    /// decimal string (at most 6 decimals), e.g. `"0.05"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16), pattern(super::DECIMAL))]
+    pub hourly_price: Option<String>,
+    /// For `Paid`: ISO 4217 code of the currency of `hourlyPrice`, e.g. `USD`, `EUR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 3), pattern(super::CURRENCY))]
+    pub currency: Option<String>,
+}
+
+/// The pricing plan of a Marketplace image.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Plan {
+    /// Free of charge.
+    Free,
+    /// Charged per reference and hour.
+    Paid,
+}
+
+impl Plan {
+    /// The API spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "Free",
+            Plan::Paid => "Paid",
+        }
+    }
 }
 
 /// The operating system in an image.
@@ -349,6 +425,9 @@ pub struct ImageStatus {
     /// The image this one was copied from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Lineage>,
+    /// For a reference to a Marketplace image: the terms it is used under (its source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketplace: Option<Marketplace>,
     /// Type of the image; for a reference, taken from its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub r#type: Option<ImageType>,
@@ -412,6 +491,28 @@ pub struct Lineage {
     pub name: String,
     /// Region of the original.
     pub region: String,
+    /// The Marketplace image the bytes come from, whose terms bind this image: set on a copy
+    /// of a Marketplace image (or of a reference to one) and kept by every copy of a copy.
+    /// Such an image cannot be shared or made Public, and if the plan is `Paid` only the
+    /// publisher's tenant may copy it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketplace: Option<MarketplaceOrigin>,
+}
+
+/// The Marketplace image a copy's bytes come from, and its terms when the copy was made.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MarketplaceOrigin {
+    /// Namespace of the Marketplace image: the publisher's tenant.
+    pub namespace: String,
+    /// Name of the Marketplace image.
+    pub name: String,
+    /// Its `spec.marketplace.publisher`.
+    pub publisher: String,
+    /// Its `spec.marketplace.productCode`.
+    pub product_code: String,
+    /// Its plan (`Free` or `Paid`) when the copy was made.
+    pub plan: Plan,
 }
 
 /// State of one disk of a FullServer image.

@@ -54,3 +54,9 @@ pub(crate) const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-
 pub(crate) const CHECKSUM: &str = r"^(sha256:[0-9a-fA-F]{64}|sha512:[0-9a-fA-F]{128})$";
 /// URL of an image file to import.
 pub(crate) const SOURCE_URL: &str = r"^(https?|file)://.+$";
+/// A name shown to people: no leading or trailing blank, no line break.
+pub(crate) const DISPLAY_NAME: &str = r"^\S(.*\S)?$";
+/// A non-negative decimal with at most 6 decimals: `0.05`, `12`.
+pub(crate) const DECIMAL: &str = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,6})?$";
+/// An ISO 4217 currency code.
+pub(crate) const CURRENCY: &str = r"^[A-Z]{3}$";

@@ -292,6 +292,7 @@ fn destination(copy: &ImageCopy, src: &Image) -> Image {
             region: dest.region.clone(),
             r#type: status.r#type.unwrap_or(src.spec.r#type),
             visibility: Visibility::Private,
+            marketplace: None,
             os: status.os.clone().or_else(|| src.spec.os.clone()),
             min_disk_gib: src.spec.min_disk_gib,
             min_memory_mib: src.spec.min_memory_mib,

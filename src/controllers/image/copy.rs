@@ -53,7 +53,7 @@ impl Plan {
 
     /// What the image shows while its bytes move.
     pub fn message(&self, source: &str) -> String {
-        let Lineage { namespace, name, region } = &self.lineage;
+        let Lineage { namespace, name, region, .. } = &self.lineage;
         format!("copying {source} ({namespace}/{name}, region {region})")
     }
 }
@@ -125,6 +125,7 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
             namespace: origin.0.clone(),
             name: origin.1.clone(),
             region: origin_image.spec.region.clone(),
+            marketplace: None,
         },
         origin,
         objects,
