@@ -2,14 +2,22 @@
 //! (written by an ImageCopy or by hand, so there is no way around them). Which source may be
 //! copied where; the controllers look the images up and show the reason of their kind.
 
-use super::{GIB, Policy};
-use crate::api::{Image, ImagePhase, ImageType, conditions::Reason};
+use kube::ResourceExt;
+
+use super::{GIB, Policy, marketplace};
+use crate::api::{Image, ImagePhase, ImageType, MarketplaceOrigin, conditions::Reason};
 
 /// Why a source cannot be copied to a region (now, or at all).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// The source is not Active (or the image a reference is bound to is gone): wait for it.
     SourceNotActive,
+    /// The bytes are a Paid Marketplace image's (or a copy's of one), and the copying tenant
+    /// is not its publisher's.
+    PaidMarketplace {
+        /// The Marketplace image.
+        origin: MarketplaceOrigin,
+    },
     /// An encrypted image never leaves its region.
     Encrypted {
         /// The source's region.
@@ -41,6 +49,7 @@ impl Refusal {
     pub fn copy_reason(&self) -> Reason {
         match self {
             Refusal::SourceNotActive => Reason::SourceNotActive,
+            Refusal::PaidMarketplace { .. } => Reason::MarketplaceImage,
             Refusal::Encrypted { .. } => Reason::EncryptedImage,
             Refusal::TooLarge { .. } => Reason::TooLarge,
             Refusal::FullServerWithinRegion { .. } => Reason::FullServerNotCopyable,
@@ -54,9 +63,10 @@ impl Refusal {
         match self {
             Refusal::SourceNotActive => Reason::SourceNotActive,
             Refusal::TooLarge { .. } => Reason::TooLarge,
-            Refusal::Encrypted { .. } | Refusal::FullServerWithinRegion { .. } | Refusal::SelfCopy => {
-                Reason::InvalidSpec
-            }
+            Refusal::PaidMarketplace { .. }
+            | Refusal::Encrypted { .. }
+            | Refusal::FullServerWithinRegion { .. }
+            | Refusal::SelfCopy => Reason::InvalidSpec,
         }
     }
 
@@ -64,6 +74,11 @@ impl Refusal {
     pub fn message(&self, source: &str) -> String {
         match self {
             Refusal::SourceNotActive => format!("Image {source} is not Active: the copy starts when it is"),
+            Refusal::PaidMarketplace { origin } => format!(
+                "Image {source} holds the bytes of {} (MarketplaceImage): a Paid Marketplace image, and every copy of it, is copied only by its publisher's tenant {}; use it through a reference (source.image) instead",
+                marketplace::describe(origin),
+                origin.namespace
+            ),
             Refusal::Encrypted { region } => format!(
                 "Image {source} is encrypted (EncryptedImage): encrypted images cannot be copied to another region; copy it without encryption in region {region} first (an ImageCopy in the same region without destination.encryption)"
             ),
@@ -80,13 +95,18 @@ impl Refusal {
     }
 }
 
-/// Checks copying `source` into `destination_region`. `owner` is the image holding the bytes:
-/// the source itself, or the image a reference is bound to (its encryption is what counts).
-/// Returns whether the copy crosses regions.
+/// Checks copying `source` into `destination_region` (in the source's namespace). `owner` is
+/// the image holding the bytes: the source itself, or the image a reference is bound to (its
+/// encryption and Marketplace terms are what count). Returns whether the copy crosses regions.
 pub fn check(source: &Image, owner: &Image, destination_region: &str, policy: &Policy) -> Result<bool, Refusal> {
     let status = source.status.clone().unwrap_or_default();
     if status.phase != Some(ImagePhase::Active) {
         return Err(Refusal::SourceNotActive);
+    }
+    if let Some(origin) = marketplace::binding(owner)
+        && marketplace::copy_refused(&origin, &source.namespace().unwrap_or_default())
+    {
+        return Err(Refusal::PaidMarketplace { origin });
     }
     let region = &source.spec.region;
     let cross_region = destination_region != region;
@@ -155,6 +175,39 @@ mod tests {
             let got = check(&source, &source, to, &policy).map_err(|r| (r.copy_reason(), r.image_reason()));
             assert_eq!(got, want, "case {i}");
         }
+    }
+
+    /// The Paid rule reads the terms of the bytes: the Marketplace image a reference is bound
+    /// to, or the lineage of a copy; the publisher's tenant copies its own bytes.
+    #[test]
+    fn paid_marketplace_bytes_are_copied_by_the_publisher_only() {
+        let paid = json!({"visibility": "Marketplace", "marketplace": {"publisher": "Acme", "productCode": "tool",
+            "pricing": {"plan": "Paid", "hourlyPrice": "1", "currency": "EUR"}}});
+        let in_ns = |namespace: &str, mut image: Image| {
+            image.metadata.namespace = Some(namespace.into());
+            image
+        };
+        let owner = in_ns("pub", image(paid.clone(), json!({"phase": "Active"})));
+        let reference = in_ns("t", image(json!({}), json!({"phase": "Active"})));
+        let refused = check(&reference, &owner, "a", &Policy::default()).unwrap_err();
+        assert_eq!((refused.copy_reason(), refused.image_reason()), (Reason::MarketplaceImage, Reason::InvalidSpec));
+        let message = refused.message("ref");
+        assert!(
+            message.contains("pub/src") && message.contains("MarketplaceImage") && message.contains("reference"),
+            "{message}"
+        );
+        assert_eq!(check(&owner, &owner, "a", &Policy::default()), Ok(false), "the publisher copies its own");
+        // A copy of a copy: the lineage carries the terms.
+        let lineage = json!({"namespace": "t", "name": "c1", "region": "a", "marketplace":
+            {"namespace": "pub", "name": "src", "publisher": "Acme", "productCode": "tool", "plan": "Paid"}});
+        let copy = in_ns("t", image(json!({}), json!({"phase": "Active", "lineage": lineage})));
+        assert!(matches!(check(&copy, &copy, "b", &Policy::default()), Err(Refusal::PaidMarketplace { .. })));
+        let own_copy = in_ns("pub", copy);
+        assert_eq!(check(&own_copy, &own_copy, "b", &Policy::default()), Ok(true));
+        let free = json!({"visibility": "Marketplace", "marketplace": {"publisher": "Acme", "productCode": "tool",
+            "pricing": {"plan": "Free"}}});
+        let free = in_ns("pub", image(free, json!({"phase": "Active"})));
+        assert_eq!(check(&reference, &free, "a", &Policy::default()), Ok(false));
     }
 
     #[test]

@@ -2,9 +2,11 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use kube::ResourceExt;
+
 use crate::{
     api::{
-        ImagePhase, ImageStatus, ImageType, Visibility,
+        Image, ImagePhase, ImageStatus, ImageType, MarketplaceOrigin, Visibility,
         conditions::{ConditionType, Progressing, Reason, Want, conditions, kstatus},
     },
     format::Format,
@@ -66,6 +68,57 @@ pub fn visibility_allowed(visibility: Visibility, namespace: &str, public_namesp
     visibility != Visibility::Public || namespace == public_namespace
 }
 
+/// Why an image cannot have the visibility its spec asks for (reason `VisibilityNotAllowed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VisibilityRefusal {
+    /// `Public` outside the platform namespace.
+    PlatformOnly {
+        /// The platform namespace.
+        public_namespace: String,
+    },
+    /// Bytes bound by a Marketplace image's terms (see [`super::marketplace::visibility_refusal`]).
+    Marketplace {
+        /// Why, naming the Marketplace image.
+        why: String,
+    },
+}
+
+impl VisibilityRefusal {
+    /// What to tell the owner: of an Active image (it stays the Private image it was), or of
+    /// one that has no bytes yet (it fails).
+    pub fn message(&self, active: bool) -> String {
+        match (self, active) {
+            (VisibilityRefusal::PlatformOnly { public_namespace }, true) => format!(
+                "visibility Public is only allowed in the platform namespace {public_namespace}: the image stays Private; set spec.visibility back to Private (or Marketplace)"
+            ),
+            (VisibilityRefusal::PlatformOnly { public_namespace }, false) => format!(
+                "visibility Public is only allowed in the platform namespace {public_namespace}: use Private or Marketplace"
+            ),
+            (VisibilityRefusal::Marketplace { why }, true) => format!(
+                "this image's visibility is refused: {why}; the image stays Private: set spec.visibility back to Private (and remove spec.marketplace)"
+            ),
+            (VisibilityRefusal::Marketplace { why }, false) => format!(
+                "this image's visibility is refused: {why}; set spec.visibility to Private (and remove spec.marketplace)"
+            ),
+        }
+    }
+}
+
+/// Why `visibility` is refused for an image of `namespace` whose bytes `bound` binds (the
+/// Marketplace image they come from), if it is.
+pub fn visibility_refusal(
+    visibility: Visibility,
+    namespace: &str,
+    public_namespace: &str,
+    bound: Option<&MarketplaceOrigin>,
+) -> Option<VisibilityRefusal> {
+    if !visibility_allowed(visibility, namespace, public_namespace) {
+        return Some(VisibilityRefusal::PlatformOnly { public_namespace: public_namespace.to_string() });
+    }
+    let why = super::marketplace::visibility_refusal(visibility, namespace, bound?)?;
+    Some(VisibilityRefusal::Marketplace { why })
+}
+
 /// Why bytes of `format` cannot be an image of `image_type`, saying what to change: an ISO
 /// image holds an ISO 9660 medium, every other type (each FullServer disk too) a disk.
 pub fn contents_mismatch(image_type: ImageType, format: Format) -> Option<String> {
@@ -93,13 +146,16 @@ pub fn type_name(image_type: ImageType) -> &'static str {
     }
 }
 
-/// The visibility an image has: `visibility: Public` outside the platform namespace is refused
-/// (an image is Failed for it, or, once Active, keeps being the Private image it was), so
-/// there it counts as Private.
-pub fn effective_visibility(visibility: Visibility, namespace: &str, public_namespace: &str) -> Visibility {
-    match visibility_allowed(visibility, namespace, public_namespace) {
-        true => visibility,
-        false => Visibility::Private,
+/// The visibility an image has: a refused visibility ([`visibility_refusal`]: `Public` outside
+/// the platform namespace, `Public` or `Marketplace` for another tenant's Marketplace bytes) makes
+/// the image Failed, or, once Active, keeps it the Private image it was, so it counts as Private.
+pub fn effective_visibility(image: &Image, public_namespace: &str) -> Visibility {
+    let visibility = image.spec.visibility;
+    let namespace = image.namespace().unwrap_or_default();
+    let bound = super::marketplace::inherited(image);
+    match visibility_refusal(visibility, &namespace, public_namespace, bound) {
+        None => visibility,
+        Some(_) => Visibility::Private,
     }
 }
 
@@ -138,9 +194,45 @@ mod tests {
         assert!(!visibility_allowed(Visibility::Public, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Marketplace, "tenant-a", "ims-public"));
         assert!(visibility_allowed(Visibility::Private, "tenant-a", "ims-public"));
-        assert_eq!(effective_visibility(Visibility::Public, "tenant-a", "ims-public"), Visibility::Private);
-        assert_eq!(effective_visibility(Visibility::Public, "ims-public", "ims-public"), Visibility::Public);
-        assert_eq!(effective_visibility(Visibility::Marketplace, "tenant-a", "ims-public"), Visibility::Marketplace);
+        let image = |namespace: &str, visibility: &str, bound: Option<&str>| {
+            let spec = serde_json::json!({"region": "r", "type": "DataDisk", "visibility": visibility,
+                "source": {"url": {"url": "https://x/y"}}});
+            let mut image = Image::new("i", serde_json::from_value(spec).unwrap());
+            image.metadata.namespace = Some(namespace.into());
+            let marketplace = bound.map(|ns| {
+                serde_json::json!({"namespace": ns, "name": "m", "publisher": "P", "productCode": "p", "plan": "Free"})
+            });
+            let lineage =
+                serde_json::json!({"namespace": namespace, "name": "c", "region": "r", "marketplace": marketplace});
+            image.status = Some(serde_json::from_value(serde_json::json!({"lineage": lineage})).unwrap());
+            image
+        };
+        let effective = |i: Image| effective_visibility(&i, "ims-public");
+        assert_eq!(effective(image("tenant-a", "Public", None)), Visibility::Private);
+        assert_eq!(effective(image("ims-public", "Public", None)), Visibility::Public);
+        assert_eq!(effective(image("tenant-a", "Marketplace", None)), Visibility::Marketplace);
+        // A copy of a Marketplace image: never Public, Marketplace only in the publisher's tenant.
+        assert_eq!(effective(image("ims-public", "Public", Some("pub"))), Visibility::Private);
+        assert_eq!(effective(image("tenant-a", "Marketplace", Some("pub"))), Visibility::Private);
+        assert_eq!(effective(image("pub", "Marketplace", Some("pub"))), Visibility::Marketplace);
+        let refused = visibility_refusal(Visibility::Public, "ims-public", "ims-public", Some(&origin())).unwrap();
+        assert!(matches!(refused, VisibilityRefusal::Marketplace { .. }), "{refused:?}");
+        assert!(
+            refused.message(true).contains("stays Private")
+                && refused.message(false).contains("set spec.visibility to Private")
+        );
+        let platform = visibility_refusal(Visibility::Public, "tenant-a", "ims-public", Some(&origin())).unwrap();
+        assert!(platform.message(true).contains("only allowed in the platform namespace ims-public"));
+    }
+
+    fn origin() -> MarketplaceOrigin {
+        MarketplaceOrigin {
+            namespace: "pub".into(),
+            name: "m".into(),
+            publisher: "P".into(),
+            product_code: "p".into(),
+            plan: crate::api::Plan::Free,
+        }
     }
 
     /// An ISO image holds ISO 9660 bytes and nothing else; a disk type holds anything but.

@@ -7,6 +7,7 @@
 
 pub mod copy;
 pub mod image;
+pub mod marketplace;
 pub mod quota;
 pub mod reference;
 pub mod region;

@@ -32,8 +32,7 @@ pub fn refusal(name: &str, image: Option<&Image>, public_namespace: &str) -> Opt
             ),
         ));
     }
-    let namespace = image.namespace().unwrap_or_default();
-    match super::image::effective_visibility(image.spec.visibility, &namespace, public_namespace) {
+    match super::image::effective_visibility(image, public_namespace) {
         Visibility::Public => {
             return Some((
                 Reason::PublicImage,
@@ -47,6 +46,15 @@ pub fn refusal(name: &str, image: Option<&Image>, public_namespace: &str) -> Opt
             ));
         }
         Visibility::Private => {}
+    }
+    if let Some(origin) = super::marketplace::inherited(image) {
+        return Some((
+            Reason::MarketplaceImage,
+            format!(
+                "Image {name} is a copy of {}: the Marketplace terms bind every copy, so it cannot be shared; other tenants use the Marketplace image itself (a reference to it)",
+                super::marketplace::describe(origin)
+            ),
+        ));
     }
     if image.spec.encryption.is_some() {
         return Some((
@@ -165,16 +173,15 @@ pub fn evaluate(
 }
 
 /// Whether `tenant` may use `source` without an ImageShare: Public images of the platform
-/// namespace and Marketplace images, never a reference (references are not re-shared). The
-/// owner's own namespace may always use its images.
+/// namespace and Marketplace images (as their visibility is allowed: see
+/// [`super::image::effective_visibility`]), never a reference (references are not re-shared).
+/// The owner's own namespace may always use its images.
 pub fn open_to(source: &Image, tenant: &str, public_namespace: &str) -> bool {
     if source.spec.source.image.is_some() {
         return false;
     }
-    let namespace = source.namespace().unwrap_or_default();
-    namespace == tenant
-        || source.spec.visibility == Visibility::Marketplace
-        || (source.spec.visibility == Visibility::Public && namespace == public_namespace)
+    source.namespace().as_deref() == Some(tenant)
+        || super::image::effective_visibility(source, public_namespace) != Visibility::Private
 }
 
 /// The status of `share` (of the image `eval` evaluated): a member is `Accepted` while its
@@ -282,6 +289,14 @@ mod tests {
         i
     }
 
+    /// `image` as a copy of the Free Marketplace image `pub/m`.
+    fn derived(mut image: Image) -> Image {
+        let lineage = serde_json::json!({"namespace": "owner", "name": "c", "region": "r1", "marketplace":
+            {"namespace": "pub", "name": "m", "publisher": "P", "productCode": "p", "plan": "Free"}});
+        image.status.get_or_insert_with(Default::default).lineage = Some(serde_json::from_value(lineage).unwrap());
+        image
+    }
+
     fn share(name: &str, created: i64, tenants: &[&str]) -> ImageShare {
         let mut s = ImageShare::new(
             name,
@@ -304,6 +319,9 @@ mod tests {
             // (The test images are in the namespace "owner"; here it is the platform namespace.)
             (Some(image(serde_json::json!({"visibility": "Public"}), true)), Reason::PublicImage),
             (Some(image(serde_json::json!({"visibility": "Marketplace"}), true)), Reason::MarketplaceImage),
+            // A copy of a Marketplace image (its lineage says so), Private as it is.
+            (Some(derived(image(serde_json::json!({}), true))), Reason::MarketplaceImage),
+            (Some(derived(image(serde_json::json!({"visibility": "Public"}), true))), Reason::MarketplaceImage),
             (Some(image(serde_json::json!({"encryption": {"kmsKeyID": "k"}}), true)), Reason::EncryptedImage),
             (Some(image(serde_json::json!({"type": "FullServer"}), true)), Reason::FullServerNotFromBackup),
             (Some(image(serde_json::json!({}), false)), Reason::ImageNotActive),
@@ -372,5 +390,8 @@ mod tests {
             true,
         );
         assert!(!open_to(&reference, "t", "ims-public"), "a reference is never re-shared");
+        let resold = derived(image(serde_json::json!({"visibility": "Marketplace"}), true));
+        assert!(!open_to(&resold, "t", "ims-public"), "another tenant's Marketplace bytes are not resold");
+        assert!(open_to(&resold, "owner", "ims-public"));
     }
 }

@@ -125,7 +125,8 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
             namespace: origin.0.clone(),
             name: origin.1.clone(),
             region: origin_image.spec.region.clone(),
-            marketplace: None,
+            // The terms follow the bytes: those of the Marketplace image they come from.
+            marketplace: policy::marketplace::binding(&origin_image),
         },
         origin,
         objects,

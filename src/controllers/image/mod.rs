@@ -31,7 +31,8 @@ use crate::{
         conditions::{ConditionType, Reason, find, ready_reason},
     },
     policy::{
-        image::{ACTIVE_MESSAGE, active_refusing, visibility_allowed, with_phase},
+        image::{ACTIVE_MESSAGE, active_refusing, visibility_refusal, with_phase},
+        marketplace,
         quota::Answer,
     },
     store::RegionStore,
@@ -146,7 +147,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             write(ctx, api, &image, &shown.status(&image)).await?;
             Ok(shown.then)
         }
-        Step::Move(job) => start(ctx, api, &image, job).await,
+        Step::Move(job) => start(ctx, api, &image, *job).await,
     }
 }
 
@@ -157,7 +158,7 @@ enum Step {
     /// Shows a phase and waits.
     Show(Shown),
     /// Asks for admission, then moves bytes.
-    Move(Move),
+    Move(Box<Move>),
 }
 
 /// A phase to show, with its reason and message, and when to look again.
@@ -212,37 +213,31 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
         // be gone already, and nothing new can be made there), no bytes.
         return Step::Idle;
     }
+    let refused = |bound| visibility_refusal(image.spec.visibility, &namespace, &ctx.config.public_namespace, bound);
     match old.phase {
-        // An Active image cannot become Public outside the platform namespace: it stays the
-        // Private image it was (shares and references treat it so), and says why.
-        Some(ImagePhase::Active)
-            if !visibility_allowed(image.spec.visibility, &namespace, &ctx.config.public_namespace) =>
-        {
-            let message = format!(
-                "visibility Public is only allowed in the platform namespace {}: the image stays Private; set spec.visibility back to Private (or Marketplace)",
-                ctx.config.public_namespace
-            );
-            let then = Action::requeue(Duration::from_secs(3600));
-            return Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, message, then);
-        }
-        // Bytes are immutable once Active: later spec changes only move observedGeneration.
+        // An Active image cannot become Public outside the platform namespace, nor Public or
+        // Marketplace with another tenant's Marketplace bytes: it stays the Private image it was
+        // (shares and references treat it so), and says why.
         Some(ImagePhase::Active) => {
-            return Shown::step(
-                ImagePhase::Active,
-                Reason::Active,
-                ACTIVE_MESSAGE,
-                Action::requeue(Duration::from_secs(3600)),
-            );
+            let then = Action::requeue(Duration::from_secs(3600));
+            return match refused(marketplace::inherited(image)) {
+                Some(refusal) => {
+                    Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, refusal.message(true), then)
+                }
+                // Bytes are immutable once Active: later spec changes only move observedGeneration.
+                None => Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, then),
+            };
         }
         Some(ImagePhase::Failed) if old.observed_generation == image.metadata.generation => return Step::Idle,
         _ => {}
     }
-    if !visibility_allowed(image.spec.visibility, &namespace, &ctx.config.public_namespace) {
-        let message = format!(
-            "visibility Public is only allowed in the platform namespace {}: use Private or Marketplace",
-            ctx.config.public_namespace
+    if let Some(refusal) = refused(None) {
+        return Shown::step(
+            ImagePhase::Failed,
+            Reason::VisibilityNotAllowed,
+            refusal.message(false),
+            Action::await_change(),
         );
-        return Shown::step(ImagePhase::Failed, Reason::VisibilityNotAllowed, message, Action::await_change());
     }
     let region_name = &image.spec.region;
     let Some(region) = ctx.regions.get(&ObjectRef::new(region_name)) else {
@@ -261,7 +256,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
     };
     let limit_gib = max_image_gib(ctx.config.policy.max_image_size_gib, region.spec.max_image_size_gib);
     match work {
-        Work::Import(parts) => Step::Move(Move {
+        Work::Import(parts) => Step::Move(Box::new(Move {
             store,
             message: bytes::saving_message(&parts),
             parts,
@@ -270,7 +265,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             lineage: None,
             known_total: None,
             limit_gib,
-        }),
+        })),
         // The copy rules first, then the bytes of the image the copy names.
         Work::Copy(source) => match copy::plan(ctx, image, &source) {
             Err((phase, reason, message)) => {
@@ -281,12 +276,22 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                 Shown::step(phase, reason, message, then)
             }
             Ok(plan) => {
+                // The terms of the bytes it copies bind its visibility before anything moves.
+                if let Some(refusal) = refused(plan.lineage.marketplace.as_ref()) {
+                    let message = refusal.message(false);
+                    return Shown::step(
+                        ImagePhase::Failed,
+                        Reason::VisibilityNotAllowed,
+                        message,
+                        Action::await_change(),
+                    );
+                }
                 let Some(from) = ctx.ready_store(&plan.from_region).await else {
                     let message =
                         format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
                     return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
                 };
-                Step::Move(Move {
+                Step::Move(Box::new(Move {
                     store,
                     parts: plan.parts(&from),
                     cross_region: plan.cross_region,
@@ -295,7 +300,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                     lineage: Some(plan.lineage.clone()),
                     known_total: Some(plan.total()),
                     limit_gib,
-                })
+                }))
             }
         },
     }

@@ -13,6 +13,7 @@ use crate::{
     controllers::{Context, Error, share, status},
     policy::{
         image::{ACTIVE_MESSAGE, with_phase},
+        marketplace,
         reference::{Outcome, decide},
         share::open_to,
     },
@@ -58,6 +59,8 @@ pub async fn apply(
                 disks: from.disks,
                 r#type: Some(source.spec.r#type),
                 os: source.spec.os.clone(),
+                // The terms the tenant uses a Marketplace image under (metered per hour).
+                marketplace: marketplace::published_terms(source).cloned(),
                 progress: None,
                 ..active
             }
@@ -65,6 +68,7 @@ pub async fn apply(
         Outcome::Waiting(phase, reason, message) => ImageStatus {
             location: None,
             progress: None,
+            marketplace: None,
             ..with_phase(&old, generation, phase, reason, &message, &now)
         },
     };
