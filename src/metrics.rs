@@ -9,11 +9,15 @@
 //! - `quota_used_images`, `quota_hard_images`, `quota_used_bytes` `{namespace,region}`: the
 //!   quota ledgers as last written;
 //! - `queue_depth{queue}`: work waiting — `quota` (Images Queued for quota, a slot or a region),
-//!   `copies` (ImageCopies Pending) — and `reconciles_in_flight{controller}`.
+//!   `copies` (ImageCopies Pending) — and `reconciles_in_flight{controller}`;
+//! - `marketplace_references{image_namespace,image,tenant,publisher,product,plan}`: the usable
+//!   references of each tenant to each Marketplace image, from the cache at scrape time, for
+//!   billing (docs/OPERATIONS.md, "Metering Marketplace images"). Only the leader reports it.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicI64, AtomicU64},
     },
     time::Instant,
@@ -71,6 +75,37 @@ pub struct QuotaLabels {
     pub region: String,
 }
 
+/// The labels of `marketplace_references`: one Marketplace image, one tenant using it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct MarketplaceLabels {
+    /// Namespace of the Marketplace image: the publisher's tenant. (Not `namespace`, which
+    /// Prometheus' Kubernetes discovery gives the operator's own pod.)
+    pub image_namespace: String,
+    /// Name of the Marketplace image.
+    pub image: String,
+    /// Namespace of the references.
+    pub tenant: String,
+    /// `spec.marketplace.publisher`.
+    pub publisher: String,
+    /// `spec.marketplace.productCode`.
+    pub product: String,
+    /// `Free` or `Paid`.
+    pub plan: String,
+}
+
+impl From<&crate::policy::marketplace::Usage> for MarketplaceLabels {
+    fn from(u: &crate::policy::marketplace::Usage) -> Self {
+        MarketplaceLabels {
+            image_namespace: u.image_namespace.clone(),
+            image: u.image.clone(),
+            tenant: u.tenant.clone(),
+            publisher: u.publisher.clone(),
+            product: u.product.clone(),
+            plan: u.plan.as_str().to_string(),
+        }
+    }
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +121,9 @@ pub struct Metrics {
     quota_used_bytes: Family<QuotaLabels, Gauge<i64, AtomicI64>>,
     /// Work waiting (set at scrape time).
     pub queue_depth: Family<QueueLabel, Gauge>,
+    marketplace_references: Family<MarketplaceLabels, Gauge>,
+    /// The series of `marketplace_references` last set (a series with no references goes).
+    marketplace_series: Mutex<BTreeSet<MarketplaceLabels>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -123,6 +161,12 @@ impl Default for Metrics {
             "Work waiting: quota (Images Queued), copies (ImageCopies Pending)",
             queue_depth.clone(),
         );
+        let marketplace_references = Family::<MarketplaceLabels, Gauge>::default();
+        registry.register(
+            "marketplace_references",
+            "Usable (Active) references of each tenant to each Marketplace image, for billing",
+            marketplace_references.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -135,6 +179,8 @@ impl Default for Metrics {
             quota_hard_images,
             quota_used_bytes,
             queue_depth,
+            marketplace_references,
+            marketplace_series: Mutex::default(),
         }
     }
 }
@@ -180,6 +226,26 @@ impl Metrics {
         self.quota_used_bytes.get_or_create(&labels).set(used_bytes);
     }
 
+    /// Sets `marketplace_references` to `usage`: the series of images or tenants with no
+    /// references any more are removed (absent, as for a billing system nothing was used).
+    pub fn marketplace_usage(&self, usage: &BTreeMap<crate::policy::marketplace::Usage, i64>) {
+        let now: BTreeMap<MarketplaceLabels, i64> = usage.iter().map(|(u, n)| (u.into(), *n)).collect();
+        let mut series = self.marketplace_series.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in series.iter().filter(|l| !now.contains_key(*l)) {
+            self.marketplace_references.remove(gone);
+        }
+        for (labels, n) in &now {
+            self.marketplace_references.get_or_create(labels).set(*n);
+        }
+        *series = now.into_keys().collect();
+    }
+
+    /// Removes every `marketplace_references` series: this process no longer leads, and only the
+    /// leader's figures count (a billing system sums over the operator's pods).
+    pub fn marketplace_stopped(&self) {
+        self.marketplace_usage(&BTreeMap::new());
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -216,5 +282,34 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in:\n{text}");
         }
+    }
+
+    /// A series with no references left disappears; the others keep their values.
+    #[test]
+    fn marketplace_series_follow_the_usage() {
+        use crate::{api::Plan, policy::marketplace::Usage};
+        let m = Metrics::default();
+        let usage = |tenant: &str, plan| Usage {
+            image_namespace: "pub".into(),
+            image: "m".into(),
+            tenant: tenant.into(),
+            publisher: "Acme \"Tools\"".into(),
+            product: "tool".into(),
+            plan,
+        };
+        m.marketplace_usage(&[(usage("a", Plan::Paid), 2), (usage("b", Plan::Paid), 1)].into_iter().collect());
+        let text = m.encode();
+        let series = |tenant: &str| {
+            format!(
+                "ims_marketplace_references{{image_namespace=\"pub\",image=\"m\",tenant=\"{tenant}\",publisher=\"Acme \\\"Tools\\\"\",product=\"tool\",plan=\"Paid\"}}"
+            )
+        };
+        assert!(text.contains(&format!("{} 2", series("a"))), "{text}");
+        assert!(text.contains(&format!("{} 1", series("b"))), "{text}");
+        m.marketplace_usage(&[(usage("b", Plan::Paid), 3)].into_iter().collect());
+        let text = m.encode();
+        assert!(!text.contains(&series("a")) && text.contains(&format!("{} 3", series("b"))), "{text}");
+        m.marketplace_stopped();
+        assert!(!m.encode().contains("ims_marketplace_references{"), "{}", m.encode());
     }
 }

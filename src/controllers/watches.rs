@@ -263,7 +263,18 @@ fn on_region(
     );
 }
 
-/// Keeps the cache-derived gauges current: Images by phase, and the work queues.
+/// Removes the Marketplace usage series when the gauges stop (the leader lost its Lease, or the
+/// operator stops): a billing system must see one process's figures, the leader's.
+struct MarketplaceSeries(Arc<crate::metrics::Metrics>);
+
+impl Drop for MarketplaceSeries {
+    fn drop(&mut self) {
+        self.0.marketplace_stopped();
+    }
+}
+
+/// Keeps the cache-derived gauges current: Images by phase, the work queues, and the references
+/// to Marketplace images (billing).
 async fn refresh_gauges(ctx: Arc<Context>) {
     use crate::{
         api::{CopyPhase, ImagePhase},
@@ -277,9 +288,11 @@ async fn refresh_gauges(ctx: Arc<Context>) {
         ImagePhase::Unavailable,
         ImagePhase::Deleting,
     ];
+    let _series = MarketplaceSeries(ctx.config.metrics.clone());
     loop {
         let images = ctx.images.state();
         let metrics = &ctx.config.metrics;
+        metrics.marketplace_usage(&crate::policy::marketplace::usage(images.iter().map(|i| i.as_ref())));
         for phase in phases {
             let n = images.iter().filter(|i| i.status.as_ref().and_then(|s| s.phase) == Some(phase)).count();
             metrics.images.get_or_create(&PhaseLabel { phase: format!("{phase:?}") }).set(n as i64);
