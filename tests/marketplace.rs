@@ -98,18 +98,38 @@ async fn files() -> (std::net::SocketAddr, tempfile::TempDir) {
     (support::serve_files(dir.path().to_path_buf()).await, dir)
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
+/// `/metrics` of the admin endpoint at `addr` once every `(series, value)` of `want` holds
+/// (`None`: the series is absent), or as it is after 20 s; asserts each.
+async fn metered(addr: std::net::SocketAddr, want: &[(String, Option<f64>)]) -> String {
+    let url = format!("http://{addr}/metrics");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = String::from_utf8(support::http_get(&url, &[]).await.2).unwrap();
+        if want.iter().all(|(s, n)| support::sample(&text, s) == *n) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (s, n) in want {
+        assert_eq!(support::sample(&text, s), *n, "{s} in:\n{text}");
+    }
+    text
 }
 
-/// The value of the sample `series` (name and labels exactly) in an exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')?.trim().parse().ok()))
+/// A fresh publisher namespace and regions `<ns>-a`, `<ns>-b`, the operator running, and the
+/// publisher's Active Marketplace image `name` on `plan` in region a: (namespace, a, b, the
+/// directory its bytes are served from).
+async fn publish(env: &Env, name: &str, publisher: &str, plan: &str) -> (String, String, String, tempfile::TempDir) {
+    let namespace = env.namespace("pub").await;
+    let (a, b) = (format!("{namespace}-a"), format!("{namespace}-b"));
+    let (addr, dir) = files().await;
+    region(env, &a).await;
+    region(env, &b).await;
+    env.start_operator();
+    let published: Api<Image> = Api::namespaced(env.client.clone(), &namespace);
+    apply(&published, image(name, &a, &format!("http://{addr}/d.raw"), terms(publisher, name, plan))).await;
+    env.wait_for(&published, name, reason_is("Active")).await;
+    (namespace, a, b, dir)
 }
 
 /// What `kubectl get img -n <namespace> -o wide` shows: per image name, the named columns
@@ -190,56 +210,32 @@ scenarios! {
         let series = |tenant: &str, image: &str, publisher_name: &str, plan: &str| {
             format!("ims_marketplace_references{{image_namespace=\"{publisher}\",image=\"{image}\",tenant=\"{tenant}\",publisher=\"{publisher_name}\",product=\"{image}\",plan=\"{plan}\"}}")
         };
-        let want = [
+        let text = metered(admin_addr, &[
             (series(&a, "rescue", "Rescue Tools", "Free"), Some(1.0)),
             (series(&a, "hardened", "Acme Security", "Paid"), Some(2.0)),
             (series(&b, "hardened", "Acme Security", "Paid"), Some(1.0)),
-        ];
-        let mut text = String::new();
-        for _ in 0..100 {
-            text = get(admin_addr, "/metrics").await;
-            if want.iter().all(|(s, n)| sample(&text, s) == *n) { break }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for (s, n) in &want {
-            assert_eq!(sample(&text, s), *n, "{s} in:\n{text}");
-        }
+        ]).await;
         assert!(text.contains("# TYPE ims_marketplace_references gauge"), "{text}");
         assert!(!text.contains(&format!("image_namespace=\"{publisher}\",image=\"plain\"")), "a Private image is not metered: {text}");
 
         // A reference deleted, or no longer usable, is no longer metered.
         b_images.delete("hardened", &DeleteParams::default()).await.unwrap();
         a_images.delete("hardened-2", &DeleteParams::default()).await.unwrap();
-        let want = [
+        metered(admin_addr, &[
             (series(&a, "rescue", "Rescue Tools", "Free"), Some(1.0)),
             (series(&a, "hardened", "Acme Security", "Paid"), Some(1.0)),
             (series(&b, "hardened", "Acme Security", "Paid"), None),
-        ];
-        for _ in 0..100 {
-            text = get(admin_addr, "/metrics").await;
-            if want.iter().all(|(s, n)| sample(&text, s) == *n) { break }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for (s, n) in &want {
-            assert_eq!(sample(&text, s), *n, "{s} in:\n{text}");
-        }
+        ]).await;
         // An operator that stops leading reports no usage: only the leader's figures count.
         env.stop_operator().await;
-        let text = get(admin_addr, "/metrics").await;
+        let gone = [series(&a, "rescue", "Rescue Tools", "Free"), series(&a, "hardened", "Acme Security", "Paid")];
+        let text = metered(admin_addr, &gone.map(|s| (s, None))).await;
         assert!(!text.contains("ims_marketplace_references{"), "{text}");
     }
 
     async fn copies_of_a_marketplace_image_stay_bound_by_its_terms(env: &Env) {
-        let publisher = env.namespace("pub").await;
+        let (publisher, r1, r2, _dir) = publish(env, "rescue", "Rescue Tools", "Free").await;
         let (t, u) = (env.namespace("t").await, env.namespace("u").await);
-        let (r1, r2) = (format!("{publisher}-a"), format!("{publisher}-b"));
-        let (addr, _dir) = files().await;
-        region(env, &r1).await;
-        region(env, &r2).await;
-        env.start_operator();
-        let published: Api<Image> = Api::namespaced(env.client.clone(), &publisher);
-        apply(&published, image("rescue", &r1, &format!("http://{addr}/d.raw"), terms("Rescue Tools", "rescue", "Free"))).await;
-        env.wait_for(&published, "rescue", reason_is("Active")).await;
 
         // Tenant t copies the free image it references, then copies the copy to another region.
         let images: Api<Image> = Api::namespaced(env.client.clone(), &t);
@@ -333,16 +329,9 @@ scenarios! {
     }
 
     async fn a_paid_image_is_copied_only_by_its_publisher(env: &Env) {
-        let publisher = env.namespace("pub").await;
+        let (publisher, r1, r2, _dir) = publish(env, "hardened", "Acme Security", "Paid").await;
         let t = env.namespace("t").await;
-        let (r1, r2) = (format!("{publisher}-a"), format!("{publisher}-b"));
-        let (addr, _dir) = files().await;
-        region(env, &r1).await;
-        region(env, &r2).await;
-        env.start_operator();
         let published: Api<Image> = Api::namespaced(env.client.clone(), &publisher);
-        apply(&published, image("hardened", &r1, &format!("http://{addr}/d.raw"), terms("Acme Security", "hardened", "Paid"))).await;
-        env.wait_for(&published, "hardened", reason_is("Active")).await;
 
         // Tenant t uses it, but copying it is refused, by an ImageCopy and by hand.
         let images: Api<Image> = Api::namespaced(env.client.clone(), &t);
@@ -361,17 +350,7 @@ scenarios! {
         let failed = env.wait_for(&images, "by-hand", reason_is("InvalidSpec")).await.unwrap();
         assert_eq!(failed.status.as_ref().unwrap().phase, Some(ImagePhase::Failed));
         assert!(ready_message(&failed).contains("MarketplaceImage"), "{}", ready_message(&failed));
-        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &t);
-        let mut told = false;
-        for _ in 0..100 {
-            told = events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
-                e.reason.as_deref() == Some("MarketplaceImage") && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("take")
-            });
-            if told { break }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(told, "a Warning Event on the refused ImageCopy");
+        assert!(support::warned(env, &t, "MarketplaceImage", "take").await, "a Warning Event on the refused ImageCopy");
 
         // The publisher copies its own, and copies the copy: bound by the terms all the same.
         let own: Api<ImageCopy> = Api::namespaced(env.client.clone(), &publisher);

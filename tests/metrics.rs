@@ -14,6 +14,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde_json::json;
+use support::sample;
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,11 +23,6 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
-}
-
-/// The value of the sample `series` (name and labels exactly) in an exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
 scenarios! {

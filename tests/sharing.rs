@@ -6,7 +6,7 @@ mod support;
 use ims_operator::api::{Image, ImagePhase, ImageShare, MemberState};
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams},
+    api::DeleteParams,
     runtime::{conditions::is_deleted, wait::Condition},
 };
 use serde_json::{Value, json};
@@ -113,17 +113,7 @@ scenarios! {
         let status = revoked.status.unwrap();
         assert_eq!(status.phase, Some(ImagePhase::Unavailable));
         assert!(status.location.is_none(), "no location while not usable");
-        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &b);
-        let mut told = false;
-        for _ in 0..100 {
-            told = events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| {
-                e.reason.as_deref() == Some("ShareRevoked") && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("mine")
-            });
-            if told { break }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(told, "an Event in the recipient's namespace");
+        assert!(support::warned(env, &b, "ShareRevoked", "mine").await, "an Event in the recipient's namespace");
         let after = env
             .wait_for(&shares, "base", |s: Option<&ImageShare>| s.and_then(|s| s.status.as_ref()).is_some_and(|s| s.members.iter().any(|m| m.state == MemberState::Revoked)))
             .await

@@ -458,6 +458,29 @@ pub async fn http_get(url: &str, headers: &[(&str, &str)]) -> (u16, http::Header
     (parts.status.as_u16(), parts.headers, body)
 }
 
+/// Whether a Warning Event with `reason` about the object `regarding` is in `namespace`, waiting
+/// up to 10 s for it (Events are published after the status write that they announce).
+pub async fn warned(env: &Env, namespace: &str, reason: &str, regarding: &str) -> bool {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), namespace);
+    for _ in 0..100 {
+        let list = events.list(&Default::default()).await.expect("list Events");
+        if list.items.iter().any(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+        }) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The value of the sample `series` (name and labels exactly) in a metrics exposition.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')?.trim().parse().ok()))
+}
+
 /// Whether `qemu-img` runs here; without it a scenario that needs it says so and skips, unless
 /// `IMS_REQUIRE_QEMU_IMG` is set (`.ci/run` sets it), which makes it fail.
 pub fn have_qemu_img() -> bool {
