@@ -146,7 +146,7 @@ async fn apply(image: Arc<Image>, ctx: &Context, api: &Api<Image>) -> Result<Act
             write(ctx, api, &image, &shown.status(&image)).await?;
             Ok(shown.then)
         }
-        Step::Move(job) => start(ctx, api, &image, job).await,
+        Step::Move(job) => start(ctx, api, &image, *job).await,
     }
 }
 
@@ -157,7 +157,7 @@ enum Step {
     /// Shows a phase and waits.
     Show(Shown),
     /// Asks for admission, then moves bytes.
-    Move(Move),
+    Move(Box<Move>),
 }
 
 /// A phase to show, with its reason and message, and when to look again.
@@ -225,8 +225,15 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             let then = Action::requeue(Duration::from_secs(3600));
             return Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, message, then);
         }
-        // Bytes are immutable once Active: later spec changes only move observedGeneration.
+        // Bytes are immutable once Active: later spec changes only move observedGeneration. An
+        // encrypted image is Active while its KMS key opens its data keys.
         Some(ImagePhase::Active) => {
+            if image.spec.encryption.is_some() {
+                if let Some(unavailable) = key_unavailable(ctx, image).await {
+                    return Shown::step(ImagePhase::Unavailable, Reason::KeyUnavailable, unavailable, key_recheck());
+                }
+                return Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, key_recheck());
+            }
             return Shown::step(
                 ImagePhase::Active,
                 Reason::Active,
@@ -234,7 +241,28 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                 Action::requeue(Duration::from_secs(3600)),
             );
         }
-        Some(ImagePhase::Failed) if old.observed_generation == image.metadata.generation => return Step::Idle,
+        // Its key went: Active again once it is back (the bytes never left).
+        Some(ImagePhase::Unavailable) if image.spec.encryption.is_some() => {
+            return match key_unavailable(ctx, image).await {
+                Some(unavailable) => {
+                    Shown::step(ImagePhase::Unavailable, Reason::KeyUnavailable, unavailable, key_recheck())
+                }
+                None => Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, key_recheck()),
+            };
+        }
+        // Failed for good until the spec changes; but for a missing KMS key, which comes back
+        // without one (the local keys' watch re-runs encrypted images when they change).
+        Some(ImagePhase::Failed)
+            if old.observed_generation == image.metadata.generation
+                && ready_reason(&old.conditions) != Some(Reason::KeyUnavailable.as_str()) =>
+        {
+            return Step::Idle;
+        }
+        Some(ImagePhase::Failed)
+            if old.observed_generation == image.metadata.generation && !key_back(ctx, image).await =>
+        {
+            return Step::Idle;
+        }
         _ => {}
     }
     if !visibility_allowed(image.spec.visibility, &namespace, &ctx.config.public_namespace) {
@@ -261,7 +289,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
     };
     let limit_gib = max_image_gib(ctx.config.policy.max_image_size_gib, region.spec.max_image_size_gib);
     match work {
-        Work::Import(parts) => Step::Move(Move {
+        Work::Import(parts) => Step::Move(Box::new(Move {
             store,
             message: bytes::saving_message(&parts),
             parts,
@@ -270,7 +298,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             lineage: None,
             known_total: None,
             limit_gib,
-        }),
+        })),
         // The copy rules first, then the bytes of the image the copy names.
         Work::Copy(source) => match copy::plan(ctx, image, &source) {
             Err((phase, reason, message)) => {
@@ -286,7 +314,7 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                         format!("the source's Region {} is not Ready; the copy starts when it is", plan.from_region);
                     return Shown::queued(Reason::RegionNotReady, message, WAITING_RECHECK);
                 };
-                Step::Move(Move {
+                Step::Move(Box::new(Move {
                     store,
                     parts: plan.parts(&from),
                     cross_region: plan.cross_region,
@@ -295,9 +323,51 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                     lineage: Some(plan.lineage.clone()),
                     known_total: Some(plan.total()),
                     limit_gib,
-                })
+                }))
             }
         },
+    }
+}
+
+/// How often an encrypted image's KMS key is checked (besides every change of the local keys).
+const KEY_RECHECK: Duration = Duration::from_secs(300);
+
+fn key_recheck() -> Action {
+    Action::requeue(KEY_RECHECK)
+}
+
+/// Why the stored data keys of an encrypted image with stored bytes do not open now, if they
+/// do not: the KMS key is missing, disabled or refused. A KMS that does not answer, or a store
+/// that cannot be read, says nothing (the image stays as it is).
+async fn key_unavailable(ctx: &Context, image: &Image) -> Option<String> {
+    let status = image.status.as_ref()?;
+    let store = ctx.open_store(&image.spec.region).await?;
+    let prefix =
+        store.image_prefix(&image.namespace().unwrap_or_default(), &image.name_any(), &image.uid().unwrap_or_default());
+    let objects: Vec<String> = match status.disks.as_slice() {
+        [] => vec!["disk".into()],
+        disks => disks.iter().map(|d| format!("disk-{}", d.index)).collect(),
+    };
+    for object in objects {
+        match crate::crypt::open_uncached(&store, &prefix.clone().join(object.as_str())).await {
+            Err(e) if e.key_unavailable() => {
+                return Some(format!("{e}; the image is not served until its key is back, and is Active again then"));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot check an encrypted image's key now"),
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether the KMS key of an image that failed for want of it makes data keys now.
+async fn key_back(ctx: &Context, image: &Image) -> bool {
+    let (Some(encryption), Some(store)) = (&image.spec.encryption, ctx.open_store(&image.spec.region).await) else {
+        return false;
+    };
+    match store.kms() {
+        Some(kms) => kms.generate(&encryption.kms_key_id).await.is_ok(),
+        None => false,
     }
 }
 
