@@ -22,6 +22,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controllers;
+pub mod crypt;
 pub mod delivery;
 pub mod fetch;
 pub mod format;

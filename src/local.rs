@@ -193,6 +193,48 @@ pub async fn apply_all(server: &ApiServer, client: &kube::Client, manifests: &[M
     out
 }
 
+/// The local KMS keys the manifests name (`spec.encryption.kmsKeyID` of Images,
+/// `spec.destination.encryption.kmsKeyID` of ImageCopies): the Secret `ims-kms-keys` of
+/// `ims-system` with 32 random bytes for each, unless the manifests declare that Secret.
+async fn ensure_kms_keys(client: &kube::Client, manifests: &[Manifest]) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::crypt::kms::DEFAULT_SECRET;
+    let declared = manifests.iter().any(|m| {
+        m.object.get("kind").and_then(Value::as_str) == Some("Secret")
+            && m.object.pointer("/metadata/name").and_then(Value::as_str) == Some(DEFAULT_SECRET)
+    });
+    let ids: std::collections::BTreeSet<&str> = manifests
+        .iter()
+        .flat_map(|m| {
+            ["/spec/encryption/kmsKeyID", "/spec/destination/encryption/kmsKeyID"].map(|p| m.object.pointer(p))
+        })
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if declared || ids.is_empty() {
+        return Ok(());
+    }
+    let random = ring::rand::SystemRandom::new();
+    let mut data = serde_json::Map::new();
+    for id in &ids {
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&random, &mut key).map_err(|_| "the system's random source failed")?;
+        data.insert(
+            id.to_string(),
+            Value::String(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key)),
+        );
+    }
+    let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": DEFAULT_SECRET, "namespace": "ims-system"}, "data": data});
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "ims-system");
+    api.patch(DEFAULT_SECRET, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&secret)).await?;
+    let names: Vec<&str> = ids.into_iter().collect();
+    eprintln!(
+        "ims-operator local: KMS keys {} (random, provider Local) in Secret ims-system/{DEFAULT_SECRET}",
+        names.join(", ")
+    );
+    Ok(())
+}
+
 async fn ensure_namespace(client: &kube::Client, name: &str) {
     let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     if api.get_opt(name).await.ok().flatten().is_none() {
@@ -449,6 +491,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let images_at = images.local_addr()?;
     // The operator's namespace holds the image key Secret.
     ensure_namespace(&client, "ims-system").await;
+    ensure_kms_keys(&client, &manifests).await?;
     let config = Config {
         policy,
         public_namespace: args.public_namespace.clone(),

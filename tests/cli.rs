@@ -254,7 +254,7 @@ fn local_settles_the_examples_with_real_bytes() {
     assert!(row.contains("Active"), "{table}");
     // Every example image settles offline, the FullServer and the ISO included.
     let images: Vec<&str> = table.lines().filter(|l| l.starts_with("Image ")).collect();
-    assert_eq!(images.len(), 11, "{table}");
+    assert_eq!(images.len(), 12, "{table}");
     assert!(images.iter().all(|l| l.contains("Active")), "{table}");
     assert!(
         table.lines().any(|l| l.starts_with("Region") && l.contains("eu-west") && l.contains("StoreReady")),
@@ -266,6 +266,15 @@ fn local_settles_the_examples_with_real_bytes() {
     let source =
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images/base-64m.qcow2")).unwrap();
     assert_eq!(bytes, source, "the stored bytes are the example image");
+    // The encrypted example, under the key `local` made for it, holds ciphertext.
+    let stored = data.path().join("stores/eu-west/tenant-a/datasets-encrypted");
+    let uid_dir = std::fs::read_dir(&stored).unwrap().next().unwrap().unwrap().path();
+    let sealed = std::fs::read(uid_dir.join("disk")).unwrap();
+    let plain =
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images/data-1m.raw")).unwrap();
+    assert_eq!(sealed.len() as u64, ims_operator::crypt::sealed_len(plain.len() as u64));
+    assert!(!sealed.windows(4096).any(|w| w == &plain[..4096]), "no plaintext in the store");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KMS keys tenant-a-disks"), "local says which keys it made");
 }
 
 #[test]

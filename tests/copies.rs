@@ -124,6 +124,7 @@ scenarios! {
         let copies: Api<ImageCopy> = Api::namespaced(env.client.clone(), &ns);
         let url = format!("http://{addr}/small.raw");
         apply(&images, image("plain", &a, &url, json!({}))).await;
+        support::kms_keys(env, &[("k1", [1; 32]), ("k2", [2; 32])]).await;
         apply(&images, image("sealed", &a, &url, json!({"encryption": {"kmsKeyID": "k1"}}))).await;
         let os = json!({"type": "Linux", "distribution": "Debian", "version": "13", "architecture": "x86_64"});
         let mut server = image("server", &a, &url, json!({"type": "FullServer", "os": os, "backupID": "bk"}));

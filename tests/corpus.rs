@@ -956,6 +956,7 @@ scenarios! {
         apply(&theirs, manifest("real", &url_spec(&r, &url, json!({})))).await;
         apply(&theirs, manifest("far", &url_spec(&r2, &url, json!({})))).await;
         apply(&theirs, manifest("elsewhere", &url_spec(&r, &url, json!({})))).await;
+        support::kms_keys(env, &[("k1", [1; 32])]).await;
         apply(&theirs, manifest("sealed", &with(&url_spec(&r, &url, json!({})), &[("encryption", json!({"kmsKeyID": "k1"}))]))).await;
         apply(&theirs, manifest("broken", &url_spec(&r, &url, json!({"checksum": format!("sha256:{}", "0".repeat(64))})))).await;
         apply(&theirs, manifest("waiting", &url_spec(&format!("{owner}-nowhere"), &url, json!({})))).await;

@@ -7,6 +7,7 @@ mod support;
 
 use std::process::Command;
 
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use ims_operator::api::{Image, ImageShare};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -248,5 +249,73 @@ scenarios! {
         };
         assert_eq!(count(images.clone(), rv).await, 3, "one write for each owned image");
         assert_eq!(count(theirs.clone(), their_rv).await, 1, "one write for the reference");
+    }
+
+    async fn https_serves_with_the_secrets_certificate_and_picks_up_a_renewal(env: &Env) {
+        let ns = env.namespace("tls").await;
+        let r = format!("{ns}-r");
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+        let pem = |name: &str| std::fs::read(fixtures.join(name)).unwrap();
+        // A kubernetes.io/tls Secret, as cert-manager writes it.
+        let secrets: Api<Secret> = Api::namespaced(env.client.clone(), "ims-system");
+        let tls = |cert: &str, key: &str| {
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ims-images-tls"}, "type": "kubernetes.io/tls",
+                "data": {"tls.crt": BASE64.encode(pem(cert)), "tls.key": BASE64.encode(pem(key))}})
+        };
+        apply(&secrets, tls("first.crt", "first.key")).await;
+        let files = tempfile::tempdir().unwrap();
+        let source: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 16) as u8).collect();
+        std::fs::write(files.path().join("d.raw"), &source).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        region(env, &r).await;
+        let mut config = env.operator_config();
+        let delivery = config.delivery.as_mut().unwrap();
+        delivery.tls_secret = Some("ims-images-tls".into());
+        delivery.base_url = format!("https://{}", env.images.local_addr().unwrap());
+        env.start_operator_with(config);
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        apply(&images, owned("web", &r, &format!("http://{addr}/d.raw"))).await;
+        let url = url_of(&env.wait_for(&images, "web", reason_is("Active")).await.unwrap());
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+        let out = tempfile::tempdir().unwrap();
+        let fetched = out.path().join("fetched");
+        // curl trusting `ca`, with `args` (e.g. a range): its exit code and what it wrote.
+        let curl = |ca: &str, args: &[&str]| {
+            let _ = std::fs::remove_file(&fetched);
+            let run = Command::new("curl").args(["-sS", "-f", "--cacert"]).arg(fixtures.join(ca)).args(args).arg("-o").arg(&fetched).arg(&url).output().expect("curl runs");
+            (run.status.code(), std::fs::read(&fetched).unwrap_or_default(), String::from_utf8_lossy(&run.stderr).to_string())
+        };
+        let (code, body, said) = curl("first.crt", &[]);
+        assert_eq!(code, Some(0), "curl over https: {said}");
+        assert!(body == source, "the served bytes are the imported ones");
+        let (code, body, said) = curl("first.crt", &["-r", "1000-1999"]);
+        assert_eq!(code, Some(0), "a range over https: {said}");
+        assert!(body == source[1000..2000]);
+        // The certificate is the Secret's: another one is not trusted.
+        let (code, _, _) = curl("renewed.crt", &[]);
+        assert_eq!(code, Some(60), "curl refuses a certificate it does not trust (exit 60)");
+        // No plaintext is served on the TLS port.
+        let plain = url.replacen("https://", "http://", 1);
+        let run = Command::new("curl").args(["-sS", "-f", "-m", "10", "-o", "/dev/null", &plain]).output().unwrap();
+        assert!(!run.status.success(), "plain HTTP on the TLS port must not be served");
+
+        // An unusable Secret keeps the certificate that works...
+        let mut broken = tls("first.crt", "first.key");
+        broken["data"]["tls.key"] = json!(BASE64.encode(b"not a key"));
+        apply(&secrets, broken).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(curl("first.crt", &[]).0, Some(0), "a broken Secret leaves the previous certificate");
+        // ...and a renewal (cert-manager rewriting the Secret) serves new connections.
+        apply(&secrets, tls("renewed.crt", "renewed.key")).await;
+        let deadline = std::time::Instant::now() + support::WAIT;
+        while curl("renewed.crt", &[]).0 != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "the renewed certificate is never served");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let (code, body, _) = curl("renewed.crt", &[]);
+        assert!(code == Some(0) && body == source);
+        assert_eq!(curl("first.crt", &[]).0, Some(60), "the old certificate is no longer served");
+        secrets.delete("ims-images-tls", &DeleteParams::default()).await.unwrap();
     }
 }

@@ -128,6 +128,18 @@ impl Moto {
     }
 }
 
+/// One call of moto's KMS API (`TrentService.<target>`; moto checks no signature here): status
+/// and JSON answer.
+async fn kms(addr: SocketAddr, target: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let headers = format!(
+        "X-Amz-Target: TrentService.{target}\r\nContent-Type: application/x-amz-json-1.1\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0\r\n"
+    );
+    let (status, answer) =
+        http_with(addr, "POST", "/", &headers, body.to_string().as_bytes()).await.expect("a KMS answer");
+    (status, serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null))
+}
+
 /// A port on 127.0.0.1 that nothing listens on (it was free a moment ago).
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -135,8 +147,19 @@ fn free_addr() -> SocketAddr {
 
 /// One unauthenticated HTTP/1.0 exchange (no chunked answers; the server closes): (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    http_with(addr, method, path, "", body).await
+}
+
+/// [`http`] with more header lines (each ending in `\r\n`).
+async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n", body.len());
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\r\n", body.len());
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
     let mut answer = Vec::new();
@@ -376,5 +399,72 @@ scenarios! {
         }
         delete_secret(env, &secret_name).await;
         delete_secret(env, &format!("{ns}-missing")).await;
+    }
+
+    async fn an_aws_kms_region_stores_ciphertext_in_s3_and_a_removed_key_makes_its_image_unavailable(env: &Env) {
+        let Some(moto) = Moto::start().await else { return };
+        moto.create_bucket(BUCKET).await;
+        let ns = env.namespace("kms").await;
+        let (region_name, secret_name, alias) = (format!("{ns}-kms"), format!("{ns}-creds"), format!("alias/{ns}"));
+        credentials_secret(env, &secret_name).await;
+        let (code, created) = kms(moto.addr, "CreateKey", json!({"Description": "ims e2e"})).await;
+        assert_eq!(code, 200, "{created}");
+        let key_id = created["KeyMetadata"]["KeyId"].as_str().expect("a key id").to_string();
+        let alias_to_key = json!({"AliasName": alias, "TargetKeyId": key_id});
+        assert_eq!(kms(moto.addr, "CreateAlias", alias_to_key.clone()).await.0, 200);
+        // The Region's KMS is moto's, with the S3 credentials.
+        let regions: Api<Region> = Api::all(env.client.clone());
+        let url = format!("s3://{BUCKET}/regions/{region_name}");
+        let region = json!({"apiVersion": "ims.io/v1alpha1", "kind": "Region", "metadata": {"name": region_name},
+            "spec": {"storage": {"url": url, "endpoint": moto.endpoint(), "secretRef": {"name": secret_name}},
+                "kms": {"provider": "AWS", "endpoint": moto.endpoint(), "secretRef": {"name": secret_name}}}});
+        regions.patch(&region_name, &PatchParams::apply("test"), &Patch::Apply(region)).await.unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let source = noise(3 * 1024 * 1024 + 5);
+        std::fs::write(files.path().join("d.raw"), &source).unwrap();
+        let addr = support::serve_files(files.path().to_path_buf()).await;
+        env.start_operator();
+        env.wait_for(&regions, &region_name, has_ready("True", "StoreReady")).await.unwrap();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let image = |name: &str| json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name},
+            "spec": {"region": region_name, "type": "DataDisk", "encryption": {"kmsKeyID": alias},
+                "source": {"url": {"url": format!("http://{addr}/d.raw")}}}});
+        images.patch("d", &PatchParams::apply("test"), &Patch::Apply(image("d"))).await.unwrap();
+        let active = env.wait_for(&images, "d", image_reason("Active")).await.unwrap();
+        assert_eq!(active.status.as_ref().unwrap().checksum.as_ref().unwrap().sha256, hex_sha256(&source));
+
+        // The bucket holds ciphertext only, and the image server serves the plaintext.
+        let keys = moto.keys(BUCKET, &format!("regions/{region_name}/{ns}/d/")).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let stored = moto.object(BUCKET, &keys[0]).await;
+        assert_eq!(stored.len() as u64, ims_operator::crypt::sealed_len(source.len() as u64));
+        assert_eq!(support::shared_run(&stored, &source, 4096), None, "no 4 KiB run of the source in S3");
+        let location = active.status.as_ref().unwrap().location.as_ref().unwrap().url.clone();
+        let (code, _, body) = support::http_get_active(&location, &[]).await;
+        assert!(code == 200 && body == source, "served decrypted from S3: {code}");
+        let (code, _, part) = support::http_get(&location, &[("Range", "bytes=70000-1300000")]).await;
+        assert!(code == 206 && part == source[70000..1300001]);
+
+        // The key's alias deleted in the KMS: the image is Unavailable once checked (a touch
+        // re-runs it; otherwise every 5 minutes), and a new import under it fails.
+        let touch = |n: u32| json!({"metadata": {"annotations": {"test/touch": n.to_string()}}});
+        assert_eq!(kms(moto.addr, "DeleteAlias", json!({"AliasName": alias})).await.0, 200);
+        images.patch("d", &PatchParams::default(), &Patch::Merge(touch(1))).await.unwrap();
+        let gone = env.wait_for(&images, "d", image_reason("KeyUnavailable")).await.unwrap();
+        assert_eq!(gone.status.as_ref().unwrap().phase, Some(ImagePhase::Unavailable));
+        assert_eq!(support::http_code_unavailable(&location).await, 404);
+        images.patch("e", &PatchParams::apply("test"), &Patch::Apply(image("e"))).await.unwrap();
+        let failed = env.wait_for(&images, "e", image_reason("KeyUnavailable")).await.unwrap();
+        assert_eq!(failed.status.as_ref().unwrap().phase, Some(ImagePhase::Failed));
+        assert!(moto.keys(BUCKET, &format!("regions/{region_name}/{ns}/e/")).await.is_empty(), "nothing stored");
+
+        // The alias back: Active again, the same URL serving.
+        assert_eq!(kms(moto.addr, "CreateAlias", alias_to_key).await.0, 200);
+        images.patch("d", &PatchParams::default(), &Patch::Merge(touch(2))).await.unwrap();
+        env.wait_for(&images, "d", image_reason("Active")).await.unwrap();
+        assert!(support::http_get_active(&location, &[]).await.2 == source);
+        for name in ["d", "e"] {
+            images.delete(name, &DeleteParams::default()).await.unwrap();
+        }
     }
 }

@@ -152,6 +152,7 @@ scenarios! {
         let url = format!("http://{addr}/a.raw");
         let os = json!({"type": "Linux", "distribution": "Debian", "version": "13", "architecture": "x86_64"});
         apply(&images, owned("plain", &r, &url, json!({}))).await;
+        support::kms_keys(env, &[("key-1", [1; 32])]).await;
         apply(&images, owned("secret", &r, &url, json!({"encryption": {"kmsKeyID": "key-1"}}))).await;
         apply(&images, owned("market", &r, &url, json!({"visibility": "Marketplace", "marketplace": {"publisher": "Test", "productCode": "test", "pricing": {"plan": "Free"}}}))).await;
         let mut server = owned("server", &r, &url, json!({"type": "FullServer", "os": os}));

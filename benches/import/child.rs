@@ -178,8 +178,14 @@ pub fn child_import(url: &str, store_dir: &str) {
     child(async {
         let store = file_store(store_dir, "bench");
         let object = store.image_prefix("bench", "image", "uid").join("disk");
-        let request =
-            Request { url, checksum: None, declared: DeclaredFormat::Auto, limit: u64::MAX, image_type: None };
+        let request = Request {
+            url,
+            checksum: None,
+            declared: DeclaredFormat::Auto,
+            limit: u64::MAX,
+            image_type: None,
+            encrypt: None,
+        };
         let mut report = |_: u64, _: Option<u64>| {};
         let meter = Meter::start();
         let progress = Progress { every: Duration::from_secs(10), report: &mut report };
@@ -216,8 +222,15 @@ pub fn child_copy(stores: &str, digest: &str) {
         let to_object = to.join(COPY_OBJECT_DIR).join("disk");
         let mut report = |_: u64, _: Option<u64>| {};
         let meter = Meter::start();
-        let request =
-            CopyRequest { from: &from, from_object: &from_object, to: &to, to_object: &to_object, sha256: digest };
+        let request = CopyRequest {
+            from: &from,
+            from_object: &from_object,
+            to: &to,
+            to_object: &to_object,
+            sha256: digest,
+            from_sealed: false,
+            encrypt: None,
+        };
         let copied = import::copy(request, Progress { every: Duration::from_secs(10), report: &mut report })
             .await
             .expect("copy");

@@ -95,6 +95,8 @@ reasons! {
     ShareRevoked,
     /// Deletion is held by `spec.protected`.
     Protected,
+    /// The KMS key of an encrypted image is missing, disabled or refused.
+    KeyUnavailable,
     // ImageShare
     /// The shared image does not exist.
     ImageNotFound,

@@ -60,7 +60,14 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
         .field_path(".marketplace"),
     validation = Rule::new("!has(self.visibility) || self.visibility != 'Marketplace' || has(self.marketplace) || has(self.source.image)")
         .message("a Marketplace image needs marketplace (publisher, productCode, pricing.plan): say who sells it and at what price")
-        .field_path(".marketplace")
+        .field_path(".marketplace"),
+    // The stored bytes are ciphertext under that key (or not): an edit would mean nothing.
+    validation = Rule::new("has(self.encryption) == has(oldSelf.encryption) && (!has(self.encryption) || self.encryption == oldSelf.encryption)")
+        .message("encryption is immutable: to encrypt, decrypt or change the key, copy the image with an ImageCopy in the same region (spec.destination.encryption)")
+        .field_path(".encryption"),
+    validation = Rule::new("!has(self.encryption) || !has(self.source.image)")
+        .message("a reference holds no bytes of its own: it is encrypted as its source is; remove spec.encryption")
+        .field_path(".encryption")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
@@ -111,7 +118,8 @@ pub struct ImageSpec {
     #[schemars(length(max = 10), inner(length(min = 1, max = 128)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub tags: Vec<String>,
-    /// Encrypt the stored image with a KMS key.
+    /// Encrypt the stored bytes with a data key of their own, wrapped by this KMS key of the
+    /// region's KMS (Region `spec.kms`). Immutable; not on references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
     /// ID of the cloud backup (CBR) a FullServer image was made from. Only FullServer images
@@ -252,7 +260,8 @@ pub enum Architecture {
 /// Encryption of an image's stored bytes.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Encryption {
-    /// ID of the KMS key the image is encrypted with.
+    /// ID of the KMS key the image is encrypted with: an entry of the Secret `ims-kms-keys`
+    /// (provider Local), or a key id, ARN or alias of the AWS KMS (provider AWS).
     #[serde(rename = "kmsKeyID")]
     #[schemars(length(min = 1, max = 256))]
     pub kms_key_id: String,

@@ -32,6 +32,48 @@ pub struct RegionSpec {
     #[serde(default, rename = "maxImageSizeGiB", skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_image_size_gib: Option<i64>,
+    /// The KMS that wraps the data keys of this region's encrypted images (those with
+    /// `spec.encryption.kmsKeyID`). Unset: `Local`, the keys of the Secret `ims-kms-keys` in
+    /// the operator's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<RegionKms>,
+}
+
+/// A region's KMS.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.provider == 'AWS' ? has(self.endpoint) && has(self.secretRef) : !has(self.endpoint) && !has(self.awsRegion) && !has(self.secretRef)")
+        .message("kms: provider AWS needs endpoint and secretRef; provider Local takes neither endpoint, awsRegion nor secretRef"),
+)]
+pub struct RegionKms {
+    /// `Local` (default): keys in the Secret `ims-kms-keys` of the operator's namespace, one
+    /// entry of 32 random bytes per key id. `AWS`: the AWS KMS API (or a compatible one) at
+    /// `endpoint`; `kmsKeyID` is then a key id, ARN or alias of that KMS.
+    #[serde(default)]
+    pub provider: KmsProvider,
+    /// The KMS API endpoint, e.g. `https://kms.eu-west-1.amazonaws.com`. Only for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), pattern(r"^https?://.+$"))]
+    pub endpoint: Option<String>,
+    /// Signing region of the KMS (default `us-east-1`). Only for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub aws_region: Option<String>,
+    /// Secret with the KMS credentials (keys `accessKeyID` and `secretAccessKey`). Only for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretReference>,
+}
+
+/// Who wraps the data keys.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KmsProvider {
+    /// Keys in a Secret of the operator's namespace.
+    #[default]
+    Local,
+    /// The AWS KMS API.
+    #[serde(rename = "AWS")]
+    Aws,
 }
 
 /// The object store of a region.

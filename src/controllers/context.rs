@@ -101,6 +101,8 @@ pub struct Context {
     pub ledger: ledger::Ledger,
     /// The image server's base URL and current key, when it runs.
     pub delivery: Option<crate::delivery::Delivery>,
+    /// The local KMS provider's keys (the Secret `ims-kms-keys`), kept current by a watch.
+    pub local_kms: crate::crypt::LocalKeys,
 }
 
 /// A DataDisk Image `t/name` with `uid`, being deleted or not, for controller unit tests.
@@ -174,6 +176,7 @@ impl Context {
                 kube::runtime::events::Reporter { controller: "ims-operator-test".into(), instance: None },
             ),
             delivery: None,
+            local_kms: crate::crypt::LocalKeys::fixed("ims-system/ims-kms-keys", Default::default()),
         };
         (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer, regions: regions_writer })
     }

@@ -48,7 +48,10 @@ pub async fn run(ctx: Arc<Context>, triggers: UnboundedReceiver<ObjectRef<Region
                 .regions
                 .state()
                 .iter()
-                .filter(|r| r.spec.storage.secret_ref.as_ref().is_some_and(|s| s.name == name))
+                .filter(|r| {
+                    let kms = r.spec.kms.as_ref().and_then(|k| k.secret_ref.as_ref());
+                    [r.spec.storage.secret_ref.as_ref(), kms].into_iter().flatten().any(|s| s.name == name)
+                })
                 .map(|r| ObjectRef::from_obj(r.as_ref()))
                 .collect();
             for region in &named {
@@ -174,10 +177,47 @@ pub async fn open(region: &Region, ctx: &Context) -> Result<RegionStore, Probe> 
         }
         _ => None,
     };
-    RegionStore::open(storage, &ctx.config.stores, credentials.as_ref()).map_err(|e| match e {
+    let kms = kms(region, ctx).await?;
+    let store = RegionStore::open(storage, &ctx.config.stores, credentials.as_ref()).map_err(|e| match e {
         StoreError::InvalidSpec(m) => Probe::InvalidSpec(m),
         e => Probe::Unreachable(e.to_string()),
-    })
+    })?;
+    Ok(store.with_kms(kms))
+}
+
+/// The KMS a Region names (`spec.kms`; the local one when unset), or the probe outcome that
+/// says why it cannot be had.
+async fn kms(region: &Region, ctx: &Context) -> Result<crate::crypt::Kms, Probe> {
+    use crate::{api::KmsProvider, crypt};
+    let Some(spec) = region.spec.kms.as_ref().filter(|k| k.provider == KmsProvider::Aws) else {
+        return Ok(crypt::Kms::Local(ctx.local_kms.clone()));
+    };
+    let (Some(endpoint), Some(secret_ref)) = (spec.endpoint.as_deref(), spec.secret_ref.as_ref()) else {
+        return Err(Probe::InvalidSpec("kms: provider AWS needs endpoint and secretRef".into()));
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
+    let name = format!("{}/{}", ctx.config.operator_namespace, secret_ref.name);
+    let credentials = match secrets.get_opt(&secret_ref.name).await {
+        Ok(Some(secret)) => s3_credentials(&secret).ok_or_else(|| {
+            Probe::SecretNotFound(format!(
+                "Secret {name} (spec.kms.secretRef) needs the keys accessKeyID and secretAccessKey"
+            ))
+        })?,
+        Ok(None) => {
+            return Err(Probe::SecretNotFound(format!(
+                "Secret {name} (spec.kms.secretRef) not found: create it with the keys accessKeyID and secretAccessKey"
+            )));
+        }
+        Err(e) => return Err(Probe::Unreachable(format!("cannot read Secret {name}: {e}"))),
+    };
+    let credentials = crypt::aws::Credentials {
+        access_key_id: credentials.access_key_id,
+        secret_access_key: credentials.secret_access_key,
+        session_token: None,
+    };
+    let client = crypt::aws::AwsKms::new(endpoint, spec.aws_region.as_deref().unwrap_or("us-east-1"), credentials)
+        .map_err(|e| Probe::InvalidSpec(format!("kms: {e}")))?;
+    Ok(crypt::Kms::aws(client))
 }
 
 /// Whether a region's status says Ready.

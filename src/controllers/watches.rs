@@ -436,6 +436,30 @@ pub async fn run(
         let (tx, keys) = tokio::sync::watch::channel(Some(key));
         delivery = Some((tx, crate::delivery::Delivery { base_url: dc.base_url.clone(), keys }));
     }
+    // The local KMS keys, watched: a change re-runs every encrypted image (its key may have
+    // gone, or come back).
+    let (kms_tx, kms_rx) = tokio::sync::watch::channel(None);
+    let local_kms = crate::crypt::LocalKeys {
+        secret: format!("{}/{}", config.operator_namespace, crate::crypt::kms::DEFAULT_SECRET),
+        keys: kms_rx,
+    };
+    let _kms = AbortOnDrop(tokio::spawn(crate::crypt::kms::keep_local_keys(
+        secrets.clone(),
+        crate::crypt::kms::DEFAULT_SECRET.into(),
+        kms_tx,
+        {
+            let (images, t) = (images.clone(), triggers.clone());
+            move || {
+                let encrypted = images
+                    .state()
+                    .iter()
+                    .filter(|i| i.spec.encryption.is_some())
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect();
+                t.images(encrypted)
+            }
+        },
+    )));
     let ledger = ledger::Ledger::new(
         client.clone(),
         config.policy.clone(),
@@ -467,6 +491,7 @@ pub async fn run(
             },
         ),
         delivery: delivery.as_ref().map(|(_, d)| d.clone()),
+        local_kms,
     });
     let _delivery =
         delivery.zip(delivery_config).map(|((tx, d), dc)| serve_images(&ctx, &secrets, &triggers, tx, d, dc));

@@ -284,9 +284,10 @@ async fn connection<C: Conn>(mut conn: C, ctx: &Context, keys: &watch::Receiver<
             Reply::Text { status, body, headers } => {
                 write_text(&mut conn, status, body, &headers, !keep_alive, head_only, limits).await
             }
-            Reply::Object { status, readable, range, total, .. } => {
+            Reply::Object { status, readable, range, total, opener } => {
                 let still = || still_readable(ctx, keys, &path, &readable);
-                write_object(&mut conn, status, &readable, range, total, !keep_alive, head_only, limits, still).await
+                let object = Object { status, readable: &readable, range, total, opener };
+                write_object(&mut conn, object, !keep_alive, head_only, limits, still).await
             }
         };
         if sent.is_err() || !keep_alive {
@@ -347,30 +348,33 @@ async fn write_text<C: Conn>(
     conn.flush().await
 }
 
-/// Headers, then bytes `range` of the object, checking `still` before each chunk: when it
-/// fails, the connection is cut (the client sees fewer bytes than Content-Length said).
-#[allow(clippy::too_many_arguments)]
-async fn write_object<C: Conn>(
-    conn: &mut C,
+/// What one answer sends: bytes `range` of a stored object of `total` bytes.
+struct Object<'a> {
     status: StatusCode,
-    readable: &Readable,
+    readable: &'a Readable,
     range: std::ops::Range<u64>,
     total: u64,
+    /// Set for an encrypted object: its plaintext is sent.
+    opener: Option<std::sync::Arc<crate::crypt::Opener>>,
+}
+
+/// Headers, then bytes `range` of the object, checking `still` before each chunk: when it
+/// fails, the connection is cut (the client sees fewer bytes than Content-Length said).
+async fn write_object<C: Conn>(
+    conn: &mut C,
+    object: Object<'_>,
     close: bool,
     head_only: bool,
     limits: &Limits,
     still: impl Fn() -> bool,
 ) -> io::Result<()> {
-    let mut headers = vec![
-        ("Content-Type".to_string(), "application/octet-stream".to_string()),
-        ("Content-Length".to_string(), (range.end - range.start).to_string()),
-        ("Accept-Ranges".to_string(), "bytes".to_string()),
-        ("ETag".to_string(), server::etag(readable)),
-    ];
-    if status == StatusCode::PARTIAL_CONTENT {
-        headers.push(("Content-Range".to_string(), format!("bytes {}-{}/{total}", range.start, range.end - 1)));
+    let Object { status, readable, range, total, opener } = object;
+    if let Some(opener) = opener {
+        let object = Object { status, readable, range, total, opener: None };
+        return write_sealed(conn, object, opener, close, head_only, limits, still).await;
     }
-    write_timed(conn, head_text(status, &headers, close).as_bytes(), limits).await?;
+    write_timed(conn, head_text(status, &object_headers(status, readable, &range, total), close).as_bytes(), limits)
+        .await?;
     conn.flush().await?;
     if head_only || range.is_empty() {
         return Ok(());
@@ -411,6 +415,72 @@ async fn write_object<C: Conn>(
             conn.flush().await
         }
     }
+}
+
+/// The headers of an object's answer.
+fn object_headers(
+    status: StatusCode,
+    readable: &Readable,
+    range: &std::ops::Range<u64>,
+    total: u64,
+) -> Vec<(String, String)> {
+    let mut headers = vec![
+        ("Content-Type".to_string(), "application/octet-stream".to_string()),
+        ("Content-Length".to_string(), (range.end - range.start).to_string()),
+        ("Accept-Ranges".to_string(), "bytes".to_string()),
+        ("ETag".to_string(), server::etag(readable)),
+    ];
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.push(("Content-Range".to_string(), format!("bytes {}-{}/{total}", range.start, range.end - 1)));
+    }
+    headers
+}
+
+/// An encrypted object's answer: its plaintext, opened segment by segment. The first batch is
+/// opened before the headers go, so a range whose bytes fail authentication gets a clean 500;
+/// a failure further on cuts the connection (never a wrong byte).
+async fn write_sealed<C: Conn>(
+    conn: &mut C,
+    object: Object<'_>,
+    opener: std::sync::Arc<crate::crypt::Opener>,
+    close: bool,
+    head_only: bool,
+    limits: &Limits,
+    still: impl Fn() -> bool,
+) -> io::Result<()> {
+    let Object { status, readable, range, total, .. } = object;
+    let store = readable.store.object_store().clone();
+    let mut stream = crate::crypt::plain_stream(store, readable.object.clone(), opener, range.clone());
+    let first = if head_only || range.is_empty() {
+        None
+    } else {
+        match futures::StreamExt::next(&mut stream).await {
+            Some(Ok(bytes)) => Some(bytes),
+            Some(Err(e)) => {
+                tracing::warn!(object = %readable.object, error = %e, "an encrypted image does not open: not served");
+                let (status, body) = match e {
+                    crate::crypt::CryptError::Envelope(_) => (StatusCode::INTERNAL_SERVER_ERROR, server::CORRUPT),
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, server::UNREADABLE),
+                };
+                return write_text(conn, status, body, &[], true, false, limits).await;
+            }
+            None => None,
+        }
+    };
+    write_timed(conn, head_text(status, &object_headers(status, readable, &range, total), close).as_bytes(), limits)
+        .await?;
+    let Some(first) = first else { return conn.flush().await };
+    if !still() {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the capability no longer reads this object"));
+    }
+    write_timed(conn, &first, limits).await?;
+    while let Some(bytes) = futures::StreamExt::next(&mut stream).await {
+        if !still() {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the capability no longer reads this object"));
+        }
+        write_timed(conn, &bytes.map_err(io::Error::other)?, limits).await?;
+    }
+    conn.flush().await
 }
 
 /// Bytes `range` of `file` to `socket` with sendfile(2), a chunk at a time.

@@ -18,6 +18,12 @@ use crate::{
 
 /// The one answer to every path that is not a readable disk.
 pub const NOT_FOUND: &str = "404 page not found\n";
+/// The answer for an encrypted image whose KMS key is missing, disabled or refused (503).
+pub const KEY_UNAVAILABLE: &str = "the image's KMS key is unavailable: its status says why\n";
+/// The answer for an encrypted image that cannot be opened for another reason (503).
+pub const UNREADABLE: &str = "the stored image cannot be read now\n";
+/// The answer when the stored bytes of an encrypted image fail authentication (500).
+pub const CORRUPT: &str = "the stored image failed authentication: it is not served\n";
 
 /// The stored object a capability reads.
 #[derive(Clone, Debug)]
@@ -28,6 +34,8 @@ pub struct Readable {
     pub object: object_store::path::Path,
     /// Its sha256 (lower-case hex), from status.
     pub sha256: String,
+    /// Whether it is encrypted (its image has `encryption`): served decrypted.
+    pub sealed: bool,
 }
 
 /// What `capability` may read now, from the caches of `ctx`; `None` for anything not readable.
@@ -63,7 +71,7 @@ pub fn resolve(ctx: &Context, capability: &Capability) -> Option<Readable> {
     let store = ctx.store(&owner.spec.region)?;
     let prefix = store.image_prefix(&owner.namespace()?, &owner.name_any(), &owner.uid()?);
     let object = prefix.join(capability.disk.as_str());
-    Some(Readable { store, object, sha256 })
+    Some(Readable { store, object, sha256, sealed: owner.spec.encryption.is_some() })
 }
 
 /// What a request gets: a short text, or bytes of a stored object.
@@ -86,8 +94,10 @@ pub enum Reply {
         readable: Box<Readable>,
         /// The bytes to send.
         range: std::ops::Range<u64>,
-        /// The object's size.
+        /// The object's size (its plaintext's, when encrypted).
         total: u64,
+        /// An encrypted object, opened: its bytes are served decrypted.
+        opener: Option<std::sync::Arc<crate::crypt::Opener>>,
     },
 }
 
@@ -133,7 +143,22 @@ pub async fn answer(ctx: &Context, key: Option<&Key>, asked: &Asked<'_>) -> Repl
     }
     let Some(capability) = key.and_then(|key| Capability::verify(asked.path, key)) else { return Reply::not_found() };
     let Some(readable) = resolve(ctx, &capability) else { return Reply::not_found() };
-    let Some(total) = size_of(&readable).await else { return Reply::not_found() };
+    let (total, opener) = if readable.sealed {
+        match crate::crypt::open(&readable.store, &readable.object).await {
+            Ok(opener) => (opener.plain_len(), Some(std::sync::Arc::new(opener))),
+            Err(crate::crypt::CryptError::Store(object_store::Error::NotFound { .. })) => return Reply::not_found(),
+            Err(e) => {
+                // The caller holds a capability of this image: it may learn that its key is out.
+                tracing::warn!(object = %readable.object, error = %e, "cannot open an encrypted image to serve it");
+                let headers = vec![(header::RETRY_AFTER, "30".to_string())];
+                let body = if e.key_unavailable() { KEY_UNAVAILABLE } else { UNREADABLE };
+                return Reply::Text { status: StatusCode::SERVICE_UNAVAILABLE, body, headers };
+            }
+        }
+    } else {
+        let Some(total) = size_of(&readable).await else { return Reply::not_found() };
+        (total, None)
+    };
     let range = match asked.if_range {
         Some(tag) if tag.trim() != etag(&readable) => None,
         _ => asked.range,
@@ -146,7 +171,7 @@ pub async fn answer(ctx: &Context, key: Option<&Key>, asked: &Asked<'_>) -> Repl
             return Reply::Text { status: StatusCode::RANGE_NOT_SATISFIABLE, body: "range not satisfiable\n", headers };
         }
     };
-    Reply::Object { status, readable: Box::new(readable), range, total }
+    Reply::Object { status, readable: Box::new(readable), range, total, opener }
 }
 
 /// Whether `capability` still reads `object` now (the grant held, the key unchanged): checked

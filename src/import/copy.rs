@@ -14,6 +14,7 @@ use super::{
 };
 use crate::{
     api::DeclaredFormat,
+    crypt::{CryptError, Opener},
     store::{RegionStore, StoreError},
 };
 
@@ -30,6 +31,11 @@ pub struct CopyRequest<'a> {
     pub to_object: &'a object_store::path::Path,
     /// Lower-case hex sha256 the bytes must hash to (the source image's status.checksum.sha256).
     pub sha256: &'a str,
+    /// Whether the source object is encrypted (its image has `encryption`): it is read through
+    /// the KMS of `from`.
+    pub from_sealed: bool,
+    /// The KMS key to encrypt the copy with, by the KMS of `to`.
+    pub encrypt: Option<&'a str>,
 }
 
 /// Streams `from_object` into `to_object` (multipart, never whole in memory), hashing on the fly;
@@ -48,30 +54,47 @@ pub struct CopyRequest<'a> {
 /// failures, and a source that ends early, are [`ImportError::Store`] (transient).
 pub async fn copy(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<Imported, ImportError> {
     let CopyRequest { to, to_object, .. } = request;
-    let result =
-        match copy_bytes(request, progress).await {
-            Ok((size, sha256)) => verify_format(to, to_object, size, DeclaredFormat::Auto)
-                .await
-                .map(|detected| Imported { object: to_object.clone(), size, sha256, detected }),
-            Err(e) => Err(e),
-        };
+    let result = match copy_bytes(request, progress).await {
+        Ok((size, sha256, opener)) => verify_format(to, to_object, size, DeclaredFormat::Auto, opener)
+            .await
+            .map(|detected| Imported { object: to_object.clone(), size, sha256, detected }),
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         remove_failed(to, to_object, "copy").await;
     }
     result
 }
 
-async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<(u64, String), ImportError> {
-    let CopyRequest { from, from_object, to, to_object, sha256: expected } = request;
-    if let (Some(source), Some(dest)) = (from.local_file(from_object), to.local_file(to_object)) {
-        return file_store_to_file_store(request, &source, &dest, progress).await;
+async fn copy_bytes(
+    request: CopyRequest<'_>,
+    progress: Progress<'_>,
+) -> Result<(u64, String, Option<Opener>), ImportError> {
+    let CopyRequest { from, from_object, to, to_object, sha256: expected, from_sealed, encrypt } = request;
+    if !from_sealed
+        && encrypt.is_none()
+        && let (Some(source), Some(dest)) = (from.local_file(from_object), to.local_file(to_object))
+    {
+        let (size, sha256) = file_store_to_file_store(request, &source, &dest, progress).await?;
+        return Ok((size, sha256, None));
     }
-    let (size, mut stream) = open_object(from, from_object).await?;
-    let mut upload = Upload::start(to, to_object, Some(size)).await?;
+    // The plaintext of the source, sealed again under the destination's own data key if it is
+    // to be encrypted: the hash is over the plaintext either way.
+    let (size, mut stream) =
+        if from_sealed { open_sealed(from, from_object).await? } else { open_object(from, from_object).await? };
+    let mut sealing = match encrypt {
+        Some(key_id) => Some(crate::crypt::seal(to, key_id).await?),
+        None => None,
+    };
+    let stored = if sealing.is_some() { crate::crypt::sealed_len(size) } else { size };
+    let mut upload = Upload::start(to, to_object, Some(stored)).await?;
     let mut hashing = Hashing::start(false);
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
-    let outcome: Result<(), ImportError> = async {
+    let outcome: Result<Option<Opener>, ImportError> = async {
+        if let Some((_, header, _)) = &sealing {
+            upload.put(Bytes::from(header.clone())).await?;
+        }
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             done += chunk.len() as u64;
@@ -79,7 +102,10 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
                 return Err(changed_under_us(from, from_object, size, "is longer"));
             }
             hashing.feed(&chunk).await?;
-            upload.put(chunk).await?;
+            match &mut sealing {
+                Some((sealer, _, _)) => pipeline::put_sealed(&mut upload, sealer.push(&chunk)).await?,
+                None => upload.put(chunk).await?,
+            }
             if last_report.elapsed() >= progress.every {
                 (progress.report)(done, Some(size));
                 last_report = Instant::now();
@@ -88,19 +114,22 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
         if done < size {
             return Err(changed_under_us(from, from_object, size, "is shorter"));
         }
-        Ok(())
+        pipeline::finish_sealing(&mut upload, sealing.take(), done).await
     }
     .await;
     drop(stream);
-    if let Err(e) = outcome {
-        upload.abort().await;
-        return Err(e);
-    }
+    let opener = match outcome {
+        Ok(opener) => opener,
+        Err(e) => {
+            upload.abort().await;
+            return Err(e);
+        }
+    };
     let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
     written?;
     let digests = digests?;
     let landed = to.object_store().head(to_object).await?.size;
-    if landed != size {
+    if landed != stored {
         return Err(ImportError::Store(object_store::Error::Generic {
             store: "region",
             source: format!("{} holds {landed} bytes after the copy, the source {size}", to.object_url(to_object))
@@ -108,7 +137,7 @@ async fn copy_bytes(request: CopyRequest<'_>, progress: Progress<'_>) -> Result<
         }));
     }
     (progress.report)(done, Some(done));
-    check(expect_sha256(expected), &digests).map(|sha256| (size, sha256))
+    check(expect_sha256(expected), &digests).map(|sha256| (size, sha256, opener))
 }
 
 /// Between two `file://` stores: copied by the kernel, the landed bytes hashed (`local`), renamed
@@ -174,6 +203,21 @@ async fn open_object(
         GetResultPayload::Stream(stream) => stream.map(|chunk| chunk.map_err(ImportError::from)).boxed(),
     };
     Ok((size, stream))
+}
+
+/// Opens an encrypted stored object for streaming: its plaintext size and plaintext.
+async fn open_sealed(
+    store: &RegionStore,
+    object: &Path,
+) -> Result<(u64, BoxStream<'static, Result<Bytes, ImportError>>), ImportError> {
+    let opener = match crate::crypt::open(store, object).await {
+        Ok(opener) => std::sync::Arc::new(opener),
+        Err(CryptError::Store(object_store::Error::NotFound { .. })) => return Err(source_gone(store, object)),
+        Err(e) => return Err(e.into()),
+    };
+    let size = opener.plain_len();
+    let stream = crate::crypt::plain_stream(store.object_store().clone(), object.clone(), opener, 0..size);
+    Ok((size, stream.map(|chunk| chunk.map_err(ImportError::from)).boxed()))
 }
 
 fn source_gone(store: &RegionStore, object: &Path) -> ImportError {

@@ -13,11 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
 use crate::{
     api::{DeclaredFormat, ImageType, conditions::Reason},
+    crypt::{CryptError, KmsError, Opener},
     fetch::{self, FetchError, FetchPolicy},
     format::{self, Detected, Format, FormatError, ReadAt},
     store::RegionStore,
@@ -85,6 +87,9 @@ pub enum ImportError {
     /// removed). Not transient: the source must become Ready again.
     #[error("{0}")]
     SourceGone(String),
+    /// Encrypting or decrypting failed: the KMS key is unavailable, or sealed bytes do not open.
+    #[error("{0}")]
+    Crypt(#[from] crate::crypt::CryptError),
 }
 
 impl ImportError {
@@ -97,6 +102,9 @@ impl ImportError {
             ImportError::UnsupportedFormat(_) => Reason::UnsupportedFormat,
             ImportError::Store(_) => Reason::RegionNotReady,
             ImportError::SourceGone(_) => Reason::SourceNotActive,
+            ImportError::Crypt(CryptError::Key(_)) => Reason::KeyUnavailable,
+            ImportError::Crypt(CryptError::Envelope(_)) => Reason::ChecksumMismatch,
+            ImportError::Crypt(CryptError::Store(_)) => Reason::RegionNotReady,
         }
     }
 
@@ -105,6 +113,7 @@ impl ImportError {
         match self {
             ImportError::Source(e) => e.is_transient(),
             ImportError::Store(_) => true,
+            ImportError::Crypt(CryptError::Key(KmsError::Transient(_)) | CryptError::Store(_)) => true,
             _ => false,
         }
     }
@@ -151,6 +160,8 @@ pub struct Request<'a> {
     /// The image's `spec.type`, which the bytes must fit (an ISO holds an ISO 9660 image, a
     /// disk type a disk); `None` checks nothing.
     pub image_type: Option<ImageType>,
+    /// The KMS key to encrypt the stored bytes with (`encryption.kmsKeyID`), by the store's KMS.
+    pub encrypt: Option<&'a str>,
 }
 
 /// Imports `request.url` into `object` of `store`.
@@ -163,12 +174,14 @@ pub async fn import(
 ) -> Result<Imported, ImportError> {
     let result = stream_into(store, object, request, fetch_policy, progress).await;
     let result = match result {
-        Ok((size, sha256)) => verify_format(store, object, size, request.declared).await.and_then(|detected| {
-            match request.image_type.and_then(|t| crate::policy::image::contents_mismatch(t, detected.format)) {
-                Some(message) => Err(ImportError::UnsupportedFormat(message)),
-                None => Ok(Imported { object: object.clone(), size, sha256, detected }),
-            }
-        }),
+        Ok((size, sha256, opener)) => {
+            verify_format(store, object, size, request.declared, opener).await.and_then(|detected| {
+                match request.image_type.and_then(|t| crate::policy::image::contents_mismatch(t, detected.format)) {
+                    Some(message) => Err(ImportError::UnsupportedFormat(message)),
+                    None => Ok(Imported { object: object.clone(), size, sha256, detected }),
+                }
+            })
+        }
         Err(e) => Err(e),
     };
     if result.is_err() {
@@ -191,24 +204,35 @@ async fn stream_into(
     request: Request<'_>,
     fetch_policy: &FetchPolicy,
     progress: Progress<'_>,
-) -> Result<(u64, String), ImportError> {
-    let Request { url, checksum, limit, .. } = request;
-    if fetch::is_file_url(url)
+) -> Result<(u64, String, Option<Opener>), ImportError> {
+    let Request { url, checksum, limit, encrypt, .. } = request;
+    if encrypt.is_none()
+        && fetch::is_file_url(url)
         && let Some(dest) = store.local_file(object)
     {
-        return file_into_file_store(url, &dest, checksum, limit, fetch_policy, progress).await;
+        let (len, sha256) = file_into_file_store(url, &dest, checksum, limit, fetch_policy, progress).await?;
+        return Ok((len, sha256, None));
     }
     let source = fetch::open(url, fetch_policy).await?;
     if source.content_length.is_some_and(|len| len > limit) {
         return Err(ImportError::TooLarge { limit });
     }
     let want = expected(checksum);
-    let mut upload = pipeline::Upload::start(store, object, source.content_length).await?;
+    // Encrypted: the header first, then the sealed segments; the plaintext is what is hashed.
+    let mut sealing = match encrypt {
+        Some(key_id) => Some(crate::crypt::seal(store, key_id).await?),
+        None => None,
+    };
+    let stored_len = source.content_length.map(|n| if sealing.is_some() { crate::crypt::sealed_len(n) } else { n });
+    let mut upload = pipeline::Upload::start(store, object, stored_len).await?;
     let mut hashing = pipeline::Hashing::start(matches!(want, Some(Expected::Sha512(_))));
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
     let mut stream = source.stream;
-    let outcome: Result<(), ImportError> = async {
+    let outcome: Result<Option<Opener>, ImportError> = async {
+        if let Some((_, header, _)) = &sealing {
+            upload.put(Bytes::from(header.clone())).await?;
+        }
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             done += chunk.len() as u64;
@@ -216,24 +240,30 @@ async fn stream_into(
                 return Err(ImportError::TooLarge { limit });
             }
             hashing.feed(&chunk).await?;
-            upload.put(chunk).await?;
+            match &mut sealing {
+                Some((sealer, _, _)) => pipeline::put_sealed(&mut upload, sealer.push(&chunk)).await?,
+                None => upload.put(chunk).await?,
+            }
             if last_report.elapsed() >= progress.every {
                 (progress.report)(done, source.content_length);
                 last_report = Instant::now();
             }
         }
-        Ok(())
+        pipeline::finish_sealing(&mut upload, sealing.take(), done).await
     }
     .await;
-    if let Err(e) = outcome {
-        upload.abort().await;
-        return Err(e);
-    }
+    let opener = match outcome {
+        Ok(opener) => opener,
+        Err(e) => {
+            upload.abort().await;
+            return Err(e);
+        }
+    };
     let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
     written?;
     let digests = digests?;
     (progress.report)(done, Some(done));
-    check(want, &digests).map(|sha256| (done, sha256))
+    check(want, &digests).map(|sha256| (done, sha256, opener))
 }
 
 /// A `file://` source into a `file://` store: copied by the kernel, the landed bytes hashed
@@ -299,20 +329,21 @@ impl ReadAt for StoredObject {
     }
 }
 
-/// Detects the stored format and checks it against the declared one.
+/// Detects the stored format and checks it against the declared one; an encrypted object is
+/// read through `opener` (its plaintext is `size` bytes).
 pub async fn verify_format(
     store: &RegionStore,
     object: &Path,
     size: u64,
     declared: DeclaredFormat,
+    opener: Option<Opener>,
 ) -> Result<Detected, ImportError> {
-    let mut reader = StoredObject {
-        store: store.object_store().clone(),
-        path: object.clone(),
-        size,
-        runtime: tokio::runtime::Handle::current(),
+    let (store, path) = (store.object_store().clone(), object.clone());
+    let mut reader: Box<dyn ReadAt + Send> = match opener {
+        Some(opener) => Box::new(crate::crypt::PlainReader::new(store, path, Arc::new(opener))),
+        None => Box::new(StoredObject { store, path, size, runtime: tokio::runtime::Handle::current() }),
     };
-    let detected = tokio::task::spawn_blocking(move || format::detect(&mut reader, size))
+    let detected = tokio::task::spawn_blocking(move || format::detect(&mut *reader, size))
         .await
         .map_err(|e| ImportError::UnsupportedFormat(format!("format detection failed: {e}")))?;
     let detected = match detected {

@@ -185,6 +185,32 @@ impl Upload {
     }
 }
 
+/// Puts what a sealer gave (possibly nothing) into `upload`.
+pub(crate) async fn put_sealed(
+    upload: &mut Upload,
+    sealed: Result<Vec<u8>, crate::crypt::EnvelopeError>,
+) -> Result<(), ImportError> {
+    let sealed = sealed.map_err(crate::crypt::CryptError::from)?;
+    if !sealed.is_empty() {
+        upload.put(Bytes::from(sealed)).await?;
+    }
+    Ok(())
+}
+
+/// Seals the last segment into `upload`, if sealing: the opener of what was written (`plain`
+/// bytes of plaintext), to read it back.
+pub(crate) async fn finish_sealing(
+    upload: &mut Upload,
+    sealing: Option<(crate::crypt::Sealer, Vec<u8>, crate::crypt::DataKey)>,
+    plain: u64,
+) -> Result<Option<crate::crypt::Opener>, ImportError> {
+    let Some((sealer, header, key)) = sealing else { return Ok(None) };
+    put_sealed(upload, sealer.finish()).await?;
+    let opener = crate::crypt::Opener::new(&key.0, &header, crate::crypt::sealed_len(plain))
+        .map_err(crate::crypt::CryptError::from)?;
+    Ok(Some(opener))
+}
+
 /// `range` of an open file as a stream of [`FILE_READ_CHUNK`] chunks, read ahead on a blocking
 /// thread straight into the chunks' buffers (one copy from the page cache, no per-chunk task).
 /// The thread stops when the stream is dropped.

@@ -53,7 +53,7 @@ impl Fixture {
         let result = import(
             &self.store,
             &object,
-            Request { url: &url, checksum, declared, limit, image_type: None },
+            Request { url: &url, checksum, declared, limit, image_type: None, encrypt: None },
             &self.policy(),
             Progress { every: Duration::from_secs(3600), report: &mut report },
         )
@@ -168,6 +168,7 @@ async fn a_multi_part_import_hashes_both_digests_and_reports_progress() {
                 declared: DeclaredFormat::Raw,
                 limit: 1 << 30,
                 image_type: None,
+                encrypt: None,
             },
             &f.policy(),
             Progress { every: Duration::ZERO, report: &mut report },
@@ -205,7 +206,14 @@ async fn the_import_future_is_send() {
     let future = import(
         &f.store,
         &object,
-        Request { url: "file:///nowhere", checksum: None, declared: DeclaredFormat::Auto, limit: 1, image_type: None },
+        Request {
+            url: "file:///nowhere",
+            checksum: None,
+            declared: DeclaredFormat::Auto,
+            limit: 1,
+            image_type: None,
+            encrypt: None,
+        },
         &policy,
         Progress { every: Duration::ZERO, report: &mut report },
     );

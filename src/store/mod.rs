@@ -85,6 +85,8 @@ pub struct RegionStore {
     dir: Option<PathBuf>,
     /// For file stores: the same store as `store`, for mapping objects to files.
     local: Option<Arc<LocalFileSystem>>,
+    /// The region's KMS, which wraps the data keys of its encrypted images.
+    kms: Option<crate::crypt::Kms>,
 }
 
 impl RegionStore {
@@ -147,12 +149,24 @@ impl RegionStore {
             base: Path::default(),
             dir: Some(dir),
             local: Some(local),
+            kms: None,
         })
     }
 
     /// A store over any `ObjectStore` (tests).
     pub fn from_object_store(store: Arc<dyn ObjectStore>, url: &str) -> Self {
-        RegionStore { store, url: url.to_string(), base: Path::default(), dir: None, local: None }
+        RegionStore { store, url: url.to_string(), base: Path::default(), dir: None, local: None, kms: None }
+    }
+
+    /// The same store, with `kms` wrapping the data keys of its encrypted images.
+    pub fn with_kms(mut self, kms: crate::crypt::Kms) -> Self {
+        self.kms = Some(kms);
+        self
+    }
+
+    /// The region's KMS.
+    pub fn kms(&self) -> Option<&crate::crypt::Kms> {
+        self.kms.as_ref()
     }
 
     /// The store URL.

@@ -494,3 +494,88 @@ pub fn have_qemu_img() -> bool {
     }
     ok
 }
+
+/// Where `stored` holds a run of `run` bytes of `source`, if it does: every aligned `run / 2`
+/// block of the source is looked for at every offset of the stored bytes (a run of `run` bytes
+/// holds a whole aligned block of half its length), with a rolling hash; a block found is grown
+/// both ways as far as the bytes agree, and counts when that reaches `run` bytes.
+pub fn shared_run(stored: &[u8], source: &[u8], run: usize) -> Option<usize> {
+    let block = run / 2;
+    const B: u64 = 1_000_003;
+    let hash = |bytes: &[u8]| bytes.iter().fold(0u64, |h, b| h.wrapping_mul(B).wrapping_add(*b as u64));
+    let blocks: std::collections::HashMap<u64, Vec<usize>> =
+        source.chunks_exact(block).enumerate().fold(Default::default(), |mut m, (i, c)| {
+            m.entry(hash(c)).or_default().push(i * block);
+            m
+        });
+    if stored.len() < block {
+        return None;
+    }
+    let top = (0..block - 1).fold(1u64, |p, _| p.wrapping_mul(B));
+    let mut h = hash(&stored[..block]);
+    for at in 0..=stored.len() - block {
+        if at > 0 {
+            h = h
+                .wrapping_sub((stored[at - 1] as u64).wrapping_mul(top))
+                .wrapping_mul(B)
+                .wrapping_add(stored[at + block - 1] as u64);
+        }
+        // A matching block, grown both ways as far as the bytes agree: a run if that reaches `run`.
+        let grown = |o: usize| {
+            let back = (1..=at.min(o)).take_while(|k| stored[at - k] == source[o - k]).count();
+            let ahead =
+                (0..(stored.len() - at).min(source.len() - o)).take_while(|k| stored[at + k] == source[o + k]).count();
+            back + ahead
+        };
+        if let Some(offsets) = blocks.get(&h)
+            && offsets.iter().take(64).any(|o| source[*o..*o + block] == stored[at..at + block] && grown(*o) >= run)
+        {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// The local KMS keys: the Secret `ims-system/ims-kms-keys` with these entries.
+pub async fn kms_keys(env: &Env, keys: &[(&str, [u8; 32])]) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), "ims-system");
+    let data: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|(id, key)| {
+            (id.to_string(), serde_json::json!(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key)))
+        })
+        .collect();
+    let secret =
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ims-kms-keys"}, "data": data});
+    secrets
+        .patch("ims-kms-keys", &kube::api::PatchParams::apply("test").force(), &kube::api::Patch::Apply(secret))
+        .await
+        .expect("apply the KMS keys");
+}
+
+/// [`http_get`] of the URL of an image a scenario has just seen Active: the operator's own
+/// watch cache can be a moment behind the scenario's, and the image server answers from it,
+/// so a `404` is retried for a few seconds.
+pub async fn http_get_active(url: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, Vec<u8>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = http_get(url, headers).await;
+        if answer.0 != 404 || std::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status code of `url` once the operator's cache has caught up with an image the scenario
+/// has just seen go Unavailable: `503` (its key refused) may come first, then `404`.
+pub async fn http_code_unavailable(url: &str) -> u16 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let code = http_get(url, &[]).await.0;
+        if code != 503 || std::time::Instant::now() > deadline {
+            return code;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -52,6 +52,8 @@ pub enum From {
         object: object_store::path::Path,
         /// The sha256 it must hash to.
         sha256: String,
+        /// Whether it is encrypted (its image has `encryption`).
+        sealed: bool,
     },
 }
 
@@ -195,6 +197,7 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
             let _ = sender.send(Some((before + done, total, shown.clone())));
         };
         let progress = import::Progress { every: ctx.config.progress_every, report: &mut report };
+        let encrypt = image.spec.encryption.as_ref().map(|e| e.kms_key_id.as_str());
         let moved = async {
             match &part.from {
                 From::Url { url, checksum, format } => {
@@ -204,11 +207,20 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
                         declared: *format,
                         limit: job.limit_gib.saturating_mul(GIB),
                         image_type: Some(image.spec.r#type),
+                        encrypt,
                     };
                     import::import(store, &object, request, &ctx.config.fetch, progress).await
                 }
-                From::Object { store: from, object: from_object, sha256 } => {
-                    let request = import::CopyRequest { from, from_object, to: store, to_object: &object, sha256 };
+                From::Object { store: from, object: from_object, sha256, sealed } => {
+                    let request = import::CopyRequest {
+                        from,
+                        from_object,
+                        to: store,
+                        to_object: &object,
+                        sha256,
+                        from_sealed: *sealed,
+                        encrypt,
+                    };
                     import::copy(request, progress).await
                 }
             }

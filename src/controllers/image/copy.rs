@@ -26,6 +26,8 @@ pub struct Plan {
     origin: (String, String, String),
     /// `(disk index, role, sha256, size)` of every object to move.
     objects: Vec<(usize, Option<DiskRole>, String, i64)>,
+    /// Whether those objects are encrypted.
+    sealed: bool,
 }
 
 impl Plan {
@@ -41,6 +43,7 @@ impl Plan {
                     store: from.clone(),
                     object: prefix.clone().join(object_name(*role, *index).as_str()),
                     sha256: sha256.clone(),
+                    sealed: self.sealed,
                 },
             })
             .collect()
@@ -130,5 +133,6 @@ pub fn plan(ctx: &Context, image: &Image, source: &str) -> Result<Plan, Refusal>
         },
         origin,
         objects,
+        sealed: origin_image.spec.encryption.is_some(),
     })
 }

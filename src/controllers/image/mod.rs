@@ -218,17 +218,48 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
         // An Active image cannot become Public outside the platform namespace, nor Public or
         // Marketplace with another tenant's Marketplace bytes: it stays the Private image it was
         // (shares and references treat it so), and says why.
+        // Bytes are immutable once Active: later spec changes only move observedGeneration. An
+        // encrypted image is Active while its KMS key opens its data keys.
         Some(ImagePhase::Active) => {
-            let then = Action::requeue(Duration::from_secs(3600));
-            return match refused(marketplace::inherited(image)) {
-                Some(refusal) => {
-                    Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, refusal.message(true), then)
+            if let Some(refusal) = refused(marketplace::inherited(image)) {
+                let then = Action::requeue(Duration::from_secs(3600));
+                return Shown::step(ImagePhase::Active, Reason::VisibilityNotAllowed, refusal.message(true), then);
+            }
+            if image.spec.encryption.is_some() {
+                if let Some(unavailable) = key_unavailable(ctx, image).await {
+                    return Shown::step(ImagePhase::Unavailable, Reason::KeyUnavailable, unavailable, key_recheck());
                 }
-                // Bytes are immutable once Active: later spec changes only move observedGeneration.
-                None => Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, then),
+                return Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, key_recheck());
+            }
+            return Shown::step(
+                ImagePhase::Active,
+                Reason::Active,
+                ACTIVE_MESSAGE,
+                Action::requeue(Duration::from_secs(3600)),
+            );
+        }
+        // Its key went: Active again once it is back (the bytes never left).
+        Some(ImagePhase::Unavailable) if image.spec.encryption.is_some() => {
+            return match key_unavailable(ctx, image).await {
+                Some(unavailable) => {
+                    Shown::step(ImagePhase::Unavailable, Reason::KeyUnavailable, unavailable, key_recheck())
+                }
+                None => Shown::step(ImagePhase::Active, Reason::Active, ACTIVE_MESSAGE, key_recheck()),
             };
         }
-        Some(ImagePhase::Failed) if old.observed_generation == image.metadata.generation => return Step::Idle,
+        // Failed for good until the spec changes; but for a missing KMS key, which comes back
+        // without one (the local keys' watch re-runs encrypted images when they change).
+        Some(ImagePhase::Failed)
+            if old.observed_generation == image.metadata.generation
+                && ready_reason(&old.conditions) != Some(Reason::KeyUnavailable.as_str()) =>
+        {
+            return Step::Idle;
+        }
+        Some(ImagePhase::Failed)
+            if old.observed_generation == image.metadata.generation && !key_back(ctx, image).await =>
+        {
+            return Step::Idle;
+        }
         _ => {}
     }
     if let Some(refusal) = refused(None) {
@@ -303,6 +334,48 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
                 }))
             }
         },
+    }
+}
+
+/// How often an encrypted image's KMS key is checked (besides every change of the local keys).
+const KEY_RECHECK: Duration = Duration::from_secs(300);
+
+fn key_recheck() -> Action {
+    Action::requeue(KEY_RECHECK)
+}
+
+/// Why the stored data keys of an encrypted image with stored bytes do not open now, if they
+/// do not: the KMS key is missing, disabled or refused. A KMS that does not answer, or a store
+/// that cannot be read, says nothing (the image stays as it is).
+async fn key_unavailable(ctx: &Context, image: &Image) -> Option<String> {
+    let status = image.status.as_ref()?;
+    let store = ctx.open_store(&image.spec.region).await?;
+    let prefix =
+        store.image_prefix(&image.namespace().unwrap_or_default(), &image.name_any(), &image.uid().unwrap_or_default());
+    let objects: Vec<String> = match status.disks.as_slice() {
+        [] => vec!["disk".into()],
+        disks => disks.iter().map(|d| format!("disk-{}", d.index)).collect(),
+    };
+    for object in objects {
+        match crate::crypt::open_uncached(&store, &prefix.clone().join(object.as_str())).await {
+            Err(e) if e.key_unavailable() => {
+                return Some(format!("{e}; the image is not served until its key is back, and is Active again then"));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot check an encrypted image's key now"),
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether the KMS key of an image that failed for want of it makes data keys now.
+async fn key_back(ctx: &Context, image: &Image) -> bool {
+    let (Some(encryption), Some(store)) = (&image.spec.encryption, ctx.open_store(&image.spec.region).await) else {
+        return false;
+    };
+    match store.kms() {
+        Some(kms) => kms.generate(&encryption.kms_key_id).await.is_ok(),
+        None => false,
     }
 }
 

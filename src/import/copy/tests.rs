@@ -75,8 +75,11 @@ async fn run_copy(
 ) -> (Result<Imported, ImportError>, Vec<(u64, Option<u64>)>) {
     let mut reports = Vec::new();
     let mut report = |done: u64, total: Option<u64>| reports.push((done, total));
-    let result =
-        copy(CopyRequest { from, from_object, to, to_object, sha256 }, Progress { every, report: &mut report }).await;
+    let result = copy(
+        CopyRequest { from, from_object, to, to_object, sha256, from_sealed: false, encrypt: None },
+        Progress { every, report: &mut report },
+    )
+    .await;
     (result, reports)
 }
 
@@ -198,7 +201,15 @@ async fn the_copy_future_is_send() {
     let (src, dst) = (object(&r.eu, "a"), object(&r.us, "b"));
     let mut report = |_: u64, _: Option<u64>| {};
     let future = copy(
-        CopyRequest { from: &r.eu, from_object: &src, to: &r.us, to_object: &dst, sha256: "" },
+        CopyRequest {
+            from: &r.eu,
+            from_object: &src,
+            to: &r.us,
+            to_object: &dst,
+            sha256: "",
+            from_sealed: false,
+            encrypt: None,
+        },
         Progress { every: Duration::ZERO, report: &mut report },
     );
     assert_send(&future);
