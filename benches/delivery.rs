@@ -49,27 +49,6 @@ struct Args {
     _cargo: common::CargoBench,
 }
 
-/// `dir/delivery-bench-<N>GiB.bin`: N GiB of xorshift64 output, written once and reused.
-fn test_file(dir: &Path, gib: u64) -> PathBuf {
-    let path = dir.join(format!("delivery-bench-{gib}GiB.bin"));
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == gib * GIB) {
-        return path;
-    }
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::File::create(&partial).expect("create the test file");
-    let mut words = common::Xorshift64(0x9E37_79B9_7F4A_7C15 ^ gib);
-    let mut block = vec![0u8; 8 << 20];
-    for _ in 0..(gib * GIB) / block.len() as u64 {
-        for (word, x) in block.chunks_exact_mut(8).zip(&mut words) {
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        file.write_all(&block).expect("write the test file");
-    }
-    drop(file);
-    std::fs::rename(&partial, &path).expect("rename the test file");
-    path
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -220,7 +199,7 @@ fn main() {
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("delivery-bench"));
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    let file = test_file(&dir, args.size_gib);
+    let file = common::test_file(&dir, "delivery-bench", args.size_gib, 0x9E37_79B9_7F4A_7C15);
     let served = manifests.join("big.bin");
     let _ = std::fs::remove_file(&served);
     std::fs::hard_link(&file, &served).expect("link the test file next to the manifests");

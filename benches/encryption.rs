@@ -19,7 +19,6 @@
 //! (warm runs): the figures compare CPU and memory bandwidth, not the disk.
 
 use std::{
-    io::Write,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -37,7 +36,6 @@ use ims_operator::{
 #[path = "common/mod.rs"]
 mod common;
 
-const GIB: u64 = 1 << 30;
 /// Where the copied object lives in both stores.
 const OBJECT_DIR: &str = "bench/image/uid";
 
@@ -58,26 +56,6 @@ struct Args {
     child: Option<Vec<String>>,
     #[command(flatten)]
     _cargo: common::CargoBench,
-}
-
-fn test_file(dir: &Path, gib: u64) -> PathBuf {
-    let path = dir.join(format!("encryption-bench-{gib}GiB.bin"));
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == gib * GIB) {
-        return path;
-    }
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::File::create(&partial).expect("create the test file");
-    let mut words = common::Xorshift64(0x2545_F491_4F6C_DD1D ^ gib);
-    let mut block = vec![0u8; 8 << 20];
-    for _ in 0..(gib * GIB) / block.len() as u64 {
-        for (word, x) in block.chunks_exact_mut(8).zip(&mut words) {
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        file.write_all(&block).expect("write the test file");
-    }
-    drop(file);
-    std::fs::rename(&partial, &path).expect("rename the test file");
-    path
 }
 
 /// A `file://` store `region` under `root`, with a local KMS holding the key `bench`.
@@ -167,7 +145,7 @@ fn main() {
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("encryption-bench"));
     std::fs::create_dir_all(&dir).expect("the bench directory");
     eprintln!("# writing / reusing the {} GiB test file", args.size_gib);
-    let file = test_file(&dir, args.size_gib);
+    let file = common::test_file(&dir, "encryption-bench", args.size_gib, 0x2545_F491_4F6C_DD1D);
     let size = std::fs::metadata(&file).unwrap().len();
     let sha = Command::new("sha256sum").arg(&file).output().expect("sha256sum runs");
     let sha256 = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap_or_default().to_string();

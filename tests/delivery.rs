@@ -90,7 +90,7 @@ scenarios! {
         assert_eq!((location.checksum.clone(), location.format.as_str()), (format!("sha256:{}", sha256(&source)), "qcow2"));
 
         // An HTTP client: exactly the bytes, with their length and ETag; a range.
-        let (code, headers, body) = support::http_get(&location.url, &[]).await;
+        let (code, headers, body) = support::http_get_active(&location.url, &[]).await;
         assert_eq!(code, 200);
         assert!(body == source, "the served bytes are the imported ones");
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -167,7 +167,7 @@ scenarios! {
             let active = env.wait_for(&images, "mine", reason_is("Active")).await.unwrap();
             let url = url_of(&active);
             assert_ne!(url, url_of(&source), "a reference has a URL of its own");
-            assert_eq!(support::http_get(&url, &[]).await.2, bytes);
+            assert_eq!(support::http_get_active(&url, &[]).await.2, bytes);
             urls.push(url);
         }
         let never = unknown(&urls[0]).await;
@@ -232,7 +232,7 @@ scenarios! {
         assert_ne!(new.uid(), old.uid());
         for (api, name, old_url) in &before {
             let now = url_of(&api.get(name).await.unwrap());
-            assert_eq!(support::http_get(&now, &[]).await.0, 200, "{name}: the new URL serves");
+            assert_eq!(support::http_get_active(&now, &[]).await.0, 200, "{name}: the new URL serves");
             let (code, _, body) = support::http_get(old_url, &[]).await;
             assert_eq!((code, body), unknown(old_url).await, "{name}: the old URL is unknown");
         }

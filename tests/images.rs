@@ -87,7 +87,7 @@ scenarios! {
             let stored_digest: String = Sha256::digest(&stored).iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(stored_digest, digest, "{name}: the bytes in the store are the source's");
             // And the image server serves exactly them at status.location.url.
-            let (code, _, served) = support::http_get(&location.url, &[]).await;
+            let (code, _, served) = support::http_get_active(&location.url, &[]).await;
             assert_eq!(code, 200, "{name}: {}", location.url);
             assert!(served == stored, "{name}: the bytes served are the stored ones");
         }
@@ -410,7 +410,7 @@ scenarios! {
             let location = disk.location.clone().unwrap();
             let stored = env.stored_file(&active, &format!("disk-{}", disk.index));
             assert_eq!(sha(&stored), sha(file), "the stored bytes of disk {} are the source's", disk.index);
-            let (code, _, served) = support::http_get(&location.url, &[]).await;
+            let (code, _, served) = support::http_get_active(&location.url, &[]).await;
             assert_eq!(code, 200);
             assert!(served == std::fs::read(&stored).unwrap(), "disk {} is served as stored", disk.index);
         }

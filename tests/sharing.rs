@@ -92,7 +92,7 @@ scenarios! {
             assert_eq!((&mine.checksum, &mine.format), (&theirs.checksum, &theirs.format), "the source's bytes");
             let own = format!("/v1/images/{tenant}/mine/{}/disk/", active.metadata.uid.clone().unwrap());
             assert!(mine.url.contains(&own), "a URL of the reference's own: {}", mine.url);
-            let (code, _, served) = support::http_get(&mine.url, &[]).await;
+            let (code, _, served) = support::http_get_active(&mine.url, &[]).await;
             assert_eq!((code, served), (200, vec![1u8; 20_000]), "the reference serves the source's bytes");
             assert_eq!((status.size_bytes, status.format), (src.size_bytes, src.format));
         }

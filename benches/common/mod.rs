@@ -39,3 +39,28 @@ impl Iterator for Xorshift64 {
         Some(x)
     }
 }
+
+/// `dir/<stem>-<N>GiB.bin`: N GiB of xorshift64 output from `seed ^ N`, written once (through a
+/// `.partial` file, renamed when whole) and reused while its size is right.
+#[allow(dead_code)] // (the import and control-plane benchmarks write theirs otherwise)
+pub fn test_file(dir: &std::path::Path, stem: &str, gib: u64, seed: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    const GIB: u64 = 1 << 30;
+    let path = dir.join(format!("{stem}-{gib}GiB.bin"));
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == gib * GIB) {
+        return path;
+    }
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::File::create(&partial).expect("create the test file");
+    let mut words = Xorshift64(seed ^ gib);
+    let mut block = vec![0u8; 8 << 20];
+    for _ in 0..(gib * GIB) / block.len() as u64 {
+        for (word, x) in block.chunks_exact_mut(8).zip(&mut words) {
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        file.write_all(&block).expect("write the test file");
+    }
+    drop(file);
+    std::fs::rename(&partial, &path).expect("rename the test file");
+    path
+}
