@@ -16,9 +16,11 @@
 //!   aad     = sha256 of the 4096 header bytes
 //! ```
 //!
-//! Every segment holds 65536 plaintext bytes but the last, which holds 0 to 65536 (an empty disk
-//! is one empty last segment). The object's length gives the plaintext's, so a range maps to
-//! whole segments without reading anything else.
+//! Every segment holds 65536 plaintext bytes but the last, which holds the rest: 0 to 65535
+//! bytes (a plaintext that is a whole number of segments ends with an empty last segment, and an
+//! empty disk is one empty segment). So every full segment is sealed as soon as its bytes are
+//! in, and the object's length gives the plaintext's: a range maps to whole segments without
+//! reading anything else.
 //!
 //! - **Nonces never repeat**: the data key is random and used for one object only, and within
 //!   it the segment index is in the nonce. The random prefix adds a margin should a data key
@@ -166,8 +168,7 @@ impl Keyed {
 pub struct Sealer {
     keyed: Keyed,
     index: u64,
-    /// Plaintext not sealed yet: at most one segment's worth is held back, since the last
-    /// segment is sealed differently and only `finish` knows which one that is.
+    /// Plaintext of the segment being filled (less than a segment).
     pending: Vec<u8>,
 }
 
@@ -177,19 +178,31 @@ impl Sealer {
     pub fn new(data_key: &[u8; 32], header: &Header) -> Result<(Sealer, Vec<u8>), EnvelopeError> {
         let bytes = header.encode()?;
         let keyed = Keyed::new(data_key, &bytes, header.nonce_prefix);
-        Ok((Sealer { keyed, index: 0, pending: Vec::with_capacity(2 * SEGMENT as usize) }, bytes))
+        Ok((Sealer { keyed, index: 0, pending: Vec::with_capacity(SEGMENT as usize) }, bytes))
     }
 
     /// Takes `plain`; returns the segments it completed, sealed (possibly none).
     pub fn push(&mut self, plain: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-        self.pending.extend_from_slice(plain);
-        let full = (self.pending.len() as u64).saturating_sub(1) / SEGMENT;
-        let mut out = Vec::with_capacity((full * SEALED) as usize);
-        for segment in self.pending[..(full * SEGMENT) as usize].chunks_exact(SEGMENT as usize) {
-            seal_into(&self.keyed, self.index, false, segment, &mut out)?;
-            self.index += 1;
+        let segment = SEGMENT as usize;
+        let mut out = Vec::with_capacity(plain.len() + (plain.len() / segment + 1) * TAG as usize);
+        let mut input = plain;
+        if !self.pending.is_empty() {
+            let take = (segment - self.pending.len()).min(input.len());
+            self.pending.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.pending.len() == segment {
+                seal_into(&self.keyed, self.index, false, &self.pending, &mut out)?;
+                self.index += 1;
+                self.pending.clear();
+            }
         }
-        self.pending.drain(..(full * SEGMENT) as usize);
+        // Whole segments straight from the input: one copy, into the output, sealed there.
+        while input.len() >= segment {
+            seal_into(&self.keyed, self.index, false, &input[..segment], &mut out)?;
+            self.index += 1;
+            input = &input[segment..];
+        }
+        self.pending.extend_from_slice(input);
         Ok(out)
     }
 
@@ -246,10 +259,12 @@ impl Opener {
         self.plain_len
     }
 
-    /// The segments that hold plaintext `range`, and the object bytes they take.
+    /// The segments that hold plaintext `range`, and the object bytes they take. A range to the
+    /// end takes the last segment too (possibly empty), so reading it checks the end is there.
     pub fn sealed_range(&self, range: &Range<u64>) -> (Range<u64>, Range<u64>) {
         let first = range.start / SEGMENT;
-        let last = range.end.div_ceil(SEGMENT).max(first + 1).min(self.segments);
+        let end = if range.end >= self.plain_len { self.segments } else { range.end.div_ceil(SEGMENT) };
+        let last = end.max(first + 1).min(self.segments);
         let bytes = HEADER_LEN + first * SEALED..(HEADER_LEN + last * SEALED).min(HEADER_LEN + self.sealed_body());
         (first..last, bytes)
     }
@@ -276,21 +291,21 @@ impl Opener {
     }
 }
 
-/// The sealed size of `plain` plaintext bytes.
+/// The sealed size of `plain` plaintext bytes: the header, the full segments and the last one.
 pub fn sealed_len(plain: u64) -> u64 {
-    let segments = plain.div_ceil(SEGMENT).max(1);
-    HEADER_LEN + plain + segments * TAG
+    HEADER_LEN + plain + (plain / SEGMENT + 1) * TAG
 }
 
-/// (segments, plaintext bytes) of a sealed object of `object_len` bytes.
+/// (segments, plaintext bytes) of a sealed object of `object_len` bytes: full segments, then a
+/// last one of 16 to 65551 sealed bytes.
 fn plain_len(object_len: u64) -> Result<(u64, u64), EnvelopeError> {
-    let body = object_len.checked_sub(HEADER_LEN).filter(|b| *b >= TAG).ok_or(EnvelopeError::Length(object_len))?;
-    let segments = body.div_ceil(SEALED);
-    let last = body - (segments - 1) * SEALED;
+    let body = object_len.checked_sub(HEADER_LEN).ok_or(EnvelopeError::Length(object_len))?;
+    let full = body / SEALED;
+    let last = body - full * SEALED;
     if last < TAG {
         return Err(EnvelopeError::Length(object_len));
     }
-    Ok((segments, body - segments * TAG))
+    Ok((full + 1, full * SEGMENT + last - TAG))
 }
 
 /// Plaintext `range` out of the sealed bytes of its segments (as [`Opener::sealed_range`] names
@@ -434,8 +449,10 @@ mod tests {
         header_changed[30] ^= 1;
         assert!(open(&header_changed, 0..10, 4096).is_err(), "the header is authenticated");
 
-        // Cut at a segment boundary: the new last segment was not sealed as last.
-        assert_eq!(open(&object[..at(2)], 0..2 * SEGMENT, 4096), Err(EnvelopeError::Segment(1)));
+        // Cut at a segment boundary: no last segment, which the length says.
+        assert_eq!(open(&object[..at(2)], 0..2 * SEGMENT, 4096), Err(EnvelopeError::Length(at(2) as u64)));
+        // Cut to a length a last segment could have: that segment was not sealed as last.
+        assert_eq!(open(&object[..at(2) + 100], 0..2 * SEGMENT + 84, 4096), Err(EnvelopeError::Segment(2)));
         // Cut inside a segment.
         let cut = &object[..object.len() - 3];
         assert!(open(cut, 0..data.len() as u64 - 3, 4096).is_err());
@@ -472,7 +489,7 @@ mod tests {
         assert!(Header::decode(&long).unwrap_err().to_string().contains("past the header"));
         let huge = Header { wrapped: vec![0; 5000], ..header() };
         assert!(huge.encode().is_err());
-        for bad in [0u64, HEADER_LEN, HEADER_LEN + 15, HEADER_LEN + SEALED + 3] {
+        for bad in [0u64, HEADER_LEN, HEADER_LEN + 15, HEADER_LEN + SEALED, HEADER_LEN + SEALED + 3] {
             assert_eq!(plain_len(bad), Err(EnvelopeError::Length(bad)), "{bad}");
         }
     }
