@@ -9,7 +9,7 @@ use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt, pa
 
 use super::{
     Expected, ImportError, Imported, Progress, check, local,
-    pipeline::{self, Hashing, Upload},
+    pipeline::{self, Hashing},
     remove_failed, verify_format,
 };
 use crate::{
@@ -82,19 +82,12 @@ async fn copy_bytes(
     // to be encrypted: the hash is over the plaintext either way.
     let (size, mut stream) =
         if from_sealed { open_sealed(from, from_object).await? } else { open_object(from, from_object).await? };
-    let mut sealing = match encrypt {
-        Some(key_id) => Some(crate::crypt::seal(to, key_id).await?),
-        None => None,
-    };
-    let stored = if sealing.is_some() { crate::crypt::sealed_len(size) } else { size };
-    let mut upload = Upload::start(to, to_object, Some(stored)).await?;
+    let stored = if encrypt.is_some() { crate::crypt::sealed_len(size) } else { size };
+    let mut sink = pipeline::Sink::start(to, to_object, Some(size), encrypt).await?;
     let mut hashing = Hashing::start(false);
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
-    let outcome: Result<Option<Opener>, ImportError> = async {
-        if let Some((_, header, _)) = &sealing {
-            upload.put(Bytes::from(header.clone())).await?;
-        }
+    let outcome: Result<(), ImportError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             done += chunk.len() as u64;
@@ -102,10 +95,7 @@ async fn copy_bytes(
                 return Err(changed_under_us(from, from_object, size, "is longer"));
             }
             hashing.feed(&chunk).await?;
-            match &mut sealing {
-                Some((sealer, _, _)) => pipeline::put_sealed(&mut upload, sealer.push(&chunk)).await?,
-                None => upload.put(chunk).await?,
-            }
+            sink.put(chunk).await?;
             if last_report.elapsed() >= progress.every {
                 (progress.report)(done, Some(size));
                 last_report = Instant::now();
@@ -114,19 +104,16 @@ async fn copy_bytes(
         if done < size {
             return Err(changed_under_us(from, from_object, size, "is shorter"));
         }
-        pipeline::finish_sealing(&mut upload, sealing.take(), done).await
+        Ok(())
     }
     .await;
     drop(stream);
-    let opener = match outcome {
-        Ok(opener) => opener,
-        Err(e) => {
-            upload.abort().await;
-            return Err(e);
-        }
-    };
-    let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
-    written?;
+    if let Err(e) = outcome {
+        sink.abort().await;
+        return Err(e);
+    }
+    let (written, digests) = tokio::join!(sink.finish(), hashing.finish());
+    let opener = written?;
     let digests = digests?;
     let landed = to.object_store().head(to_object).await?.size;
     if landed != stored {

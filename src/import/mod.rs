@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
@@ -219,20 +218,12 @@ async fn stream_into(
     }
     let want = expected(checksum);
     // Encrypted: the header first, then the sealed segments; the plaintext is what is hashed.
-    let mut sealing = match encrypt {
-        Some(key_id) => Some(crate::crypt::seal(store, key_id).await?),
-        None => None,
-    };
-    let stored_len = source.content_length.map(|n| if sealing.is_some() { crate::crypt::sealed_len(n) } else { n });
-    let mut upload = pipeline::Upload::start(store, object, stored_len).await?;
+    let mut sink = pipeline::Sink::start(store, object, source.content_length, encrypt).await?;
     let mut hashing = pipeline::Hashing::start(matches!(want, Some(Expected::Sha512(_))));
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
     let mut stream = source.stream;
-    let outcome: Result<Option<Opener>, ImportError> = async {
-        if let Some((_, header, _)) = &sealing {
-            upload.put(Bytes::from(header.clone())).await?;
-        }
+    let outcome: Result<(), ImportError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             done += chunk.len() as u64;
@@ -240,27 +231,21 @@ async fn stream_into(
                 return Err(ImportError::TooLarge { limit });
             }
             hashing.feed(&chunk).await?;
-            match &mut sealing {
-                Some((sealer, _, _)) => pipeline::put_sealed(&mut upload, sealer.push(&chunk)).await?,
-                None => upload.put(chunk).await?,
-            }
+            sink.put(chunk).await?;
             if last_report.elapsed() >= progress.every {
                 (progress.report)(done, source.content_length);
                 last_report = Instant::now();
             }
         }
-        pipeline::finish_sealing(&mut upload, sealing.take(), done).await
+        Ok(())
     }
     .await;
-    let opener = match outcome {
-        Ok(opener) => opener,
-        Err(e) => {
-            upload.abort().await;
-            return Err(e);
-        }
-    };
-    let (written, digests) = tokio::join!(upload.finish(), hashing.finish());
-    written?;
+    if let Err(e) = outcome {
+        sink.abort().await;
+        return Err(e);
+    }
+    let (written, digests) = tokio::join!(sink.finish(), hashing.finish());
+    let opener = written?;
     let digests = digests?;
     (progress.report)(done, Some(done));
     check(want, &digests).map(|sha256| (done, sha256, opener))

@@ -185,30 +185,121 @@ impl Upload {
     }
 }
 
-/// Puts what a sealer gave (possibly nothing) into `upload`.
-pub(crate) async fn put_sealed(
-    upload: &mut Upload,
-    sealed: Result<Vec<u8>, crate::crypt::EnvelopeError>,
-) -> Result<(), ImportError> {
-    let sealed = sealed.map_err(crate::crypt::CryptError::from)?;
-    if !sealed.is_empty() {
-        upload.put(Bytes::from(sealed)).await?;
-    }
-    Ok(())
+/// Where the bytes of an import or copy go: an upload, or, for an encrypted image, a sealer on
+/// a thread of its own (fed the same `Bytes` as the hasher) whose sealed segments a task of their
+/// own writes to the upload, so hashing, sealing and writing overlap.
+pub(crate) enum Sink {
+    /// The bytes as they are.
+    Plain(Upload),
+    /// Sealed first.
+    Sealed(Box<Sealing>),
 }
 
-/// Seals the last segment into `upload`, if sealing: the opener of what was written (`plain`
-/// bytes of plaintext), to read it back.
-pub(crate) async fn finish_sealing(
-    upload: &mut Upload,
-    sealing: Option<(crate::crypt::Sealer, Vec<u8>, crate::crypt::DataKey)>,
+/// The sealed side of a [`Sink`].
+pub(crate) struct Sealing {
+    queue: Option<mpsc::Sender<Bytes>>,
+    sealer: JoinHandle<Result<(), crate::crypt::EnvelopeError>>,
+    writer: JoinHandle<(Upload, Result<(), ImportError>)>,
+    header: Vec<u8>,
+    key: crate::crypt::DataKey,
     plain: u64,
-) -> Result<Option<crate::crypt::Opener>, ImportError> {
-    let Some((sealer, header, key)) = sealing else { return Ok(None) };
-    put_sealed(upload, sealer.finish()).await?;
-    let opener = crate::crypt::Opener::new(&key.0, &header, crate::crypt::sealed_len(plain))
-        .map_err(crate::crypt::CryptError::from)?;
-    Ok(Some(opener))
+}
+
+/// Sealed chunks queued for the writer, and plaintext chunks for the sealer.
+const SEAL_QUEUE: usize = 4;
+
+impl Sink {
+    /// An upload of `expected` plaintext bytes (when known) to `object`, sealed under KMS key
+    /// `encrypt` by the store's KMS when set.
+    pub(crate) async fn start(
+        store: &RegionStore,
+        object: &Path,
+        expected: Option<u64>,
+        encrypt: Option<&str>,
+    ) -> Result<Sink, ImportError> {
+        let Some(key_id) = encrypt else { return Ok(Sink::Plain(Upload::start(store, object, expected).await?)) };
+        let (mut sealer, header, key) = crate::crypt::seal(store, key_id).await?;
+        let mut upload = Upload::start(store, object, expected.map(crate::crypt::sealed_len)).await?;
+        let (queue, mut plain) = mpsc::channel::<Bytes>(SEAL_QUEUE);
+        let (sealed_tx, mut sealed) = mpsc::channel::<Bytes>(SEAL_QUEUE);
+        let first = Bytes::from(header.clone());
+        let writer = tokio::spawn(async move {
+            let mut written = upload.put(first).await;
+            while written.is_ok()
+                && let Some(chunk) = sealed.recv().await
+            {
+                written = upload.put(chunk).await;
+            }
+            (upload, written)
+        });
+        let sealer = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = plain.blocking_recv() {
+                let out = sealer.push(&chunk)?;
+                if !out.is_empty() && sealed_tx.blocking_send(Bytes::from(out)).is_err() {
+                    return Ok(());
+                }
+            }
+            let last = sealer.finish()?;
+            let _ = sealed_tx.blocking_send(Bytes::from(last));
+            Ok(())
+        });
+        Ok(Sink::Sealed(Box::new(Sealing { queue: Some(queue), sealer, writer, header, key, plain: 0 })))
+    }
+
+    /// Adds `chunk`; waits while the upload (or the sealer) is behind.
+    pub(crate) async fn put(&mut self, chunk: Bytes) -> Result<(), ImportError> {
+        match self {
+            Sink::Plain(upload) => upload.put(chunk).await,
+            Sink::Sealed(sealing) => {
+                sealing.plain += chunk.len() as u64;
+                let sent = match &sealing.queue {
+                    Some(queue) => queue.send(chunk).await.is_ok(),
+                    None => false,
+                };
+                if sent { Ok(()) } else { Err(sink_failed("the sealer stopped")) }
+            }
+        }
+    }
+
+    /// Writes what is left and completes the upload: for a sealed one, the opener of what was
+    /// written, to read it back.
+    pub(crate) async fn finish(self) -> Result<Option<crate::crypt::Opener>, ImportError> {
+        match self {
+            Sink::Plain(upload) => upload.finish().await.map(|()| None),
+            Sink::Sealed(mut sealing) => {
+                drop(sealing.queue.take());
+                let sealed = sealing.sealer.await.map_err(|_| sink_failed("the sealer thread failed"))?;
+                let (upload, written) = sealing.writer.await.map_err(|_| sink_failed("the sealed writer failed"))?;
+                if let Err(e) = sealed.map_err(crate::crypt::CryptError::from).map_err(ImportError::from).and(written) {
+                    upload.abort().await;
+                    return Err(e);
+                }
+                upload.finish().await?;
+                let opener =
+                    crate::crypt::Opener::new(&sealing.key.0, &sealing.header, crate::crypt::sealed_len(sealing.plain))
+                        .map_err(crate::crypt::CryptError::from)?;
+                Ok(Some(opener))
+            }
+        }
+    }
+
+    /// Abandons the upload and removes what it wrote.
+    pub(crate) async fn abort(self) {
+        match self {
+            Sink::Plain(upload) => upload.abort().await,
+            Sink::Sealed(mut sealing) => {
+                drop(sealing.queue.take());
+                let _ = sealing.sealer.await;
+                if let Ok((upload, _)) = sealing.writer.await {
+                    upload.abort().await;
+                }
+            }
+        }
+    }
+}
+
+fn sink_failed(what: &str) -> ImportError {
+    ImportError::Store(object_store::Error::Generic { store: "import", source: what.to_string().into() })
 }
 
 /// `range` of an open file as a stream of [`FILE_READ_CHUNK`] chunks, read ahead on a blocking
