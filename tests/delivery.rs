@@ -71,14 +71,8 @@ scenarios! {
         let ns = env.namespace("serve").await;
         let r = format!("{ns}-r");
         let files = tempfile::tempdir().unwrap();
-        // A qcow2 with data in it, so that a convert has something to get right.
+        let (source, pattern) = support::qcow2_with_data(files.path(), 8);
         let raw = files.path().join("src.raw");
-        let pattern: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-        std::fs::write(&raw, &pattern).unwrap();
-        let qcow2 = files.path().join("disk.qcow2");
-        let made = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status().unwrap();
-        assert!(made.success());
-        let source = std::fs::read(&qcow2).unwrap();
         let addr = support::serve_files(files.path().to_path_buf()).await;
         region(env, &r).await;
         env.start_operator();

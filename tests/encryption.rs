@@ -32,18 +32,6 @@ fn url_of(image: &Image) -> String {
     image.status.as_ref().and_then(|s| s.location.as_ref()).map(|l| l.url.clone()).expect("a location")
 }
 
-/// A qcow2 with data in it (format detection reads the plaintext) and its raw source.
-fn qcow2(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
-    let raw = dir.join("src.raw");
-    let pattern: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    std::fs::write(&raw, &pattern).unwrap();
-    let out = dir.join("disk.qcow2");
-    let made =
-        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&out).status().unwrap();
-    assert!(made.success());
-    (std::fs::read(&out).unwrap(), pattern)
-}
-
 /// curl of `url` into `file`: its exit code.
 fn curl(url: &str, file: &std::path::Path, args: &[&str]) -> Option<i32> {
     let _ = std::fs::remove_file(file);
@@ -58,7 +46,7 @@ scenarios! {
         let ns = env.namespace("enc").await;
         let r = format!("{ns}-r");
         let files = tempfile::tempdir().unwrap();
-        let (source, pattern) = qcow2(files.path());
+        let (source, pattern) = support::qcow2_with_data(files.path(), 6);
         let addr = support::serve_files(files.path().to_path_buf()).await;
         support::kms_keys(env, &[("k1", [1; 32])]).await;
         region(env, &r).await;

@@ -154,27 +154,7 @@ async fn probe(region: &Region, ctx: &Context) -> Probe {
 pub async fn open(region: &Region, ctx: &Context) -> Result<RegionStore, Probe> {
     let storage = &region.spec.storage;
     let credentials = match &storage.secret_ref {
-        Some(secret_ref) if storage.url.starts_with("s3://") => {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
-            match secrets.get_opt(&secret_ref.name).await {
-                Ok(Some(secret)) => match s3_credentials(&secret) {
-                    Some(c) => Some(c),
-                    None => {
-                        return Err(Probe::SecretNotFound(format!(
-                            "Secret {}/{} needs the keys accessKeyID and secretAccessKey",
-                            ctx.config.operator_namespace, secret_ref.name
-                        )));
-                    }
-                },
-                Ok(None) => {
-                    return Err(Probe::SecretNotFound(format!(
-                        "Secret {}/{} not found: create it with the keys accessKeyID and secretAccessKey",
-                        ctx.config.operator_namespace, secret_ref.name
-                    )));
-                }
-                Err(e) => return Err(Probe::Unreachable(format!("cannot read Secret {}: {e}", secret_ref.name))),
-            }
-        }
+        Some(secret_ref) if storage.url.starts_with("s3://") => Some(credentials(ctx, secret_ref, "").await?),
         _ => None,
     };
     let kms = kms(region, ctx).await?;
@@ -183,6 +163,26 @@ pub async fn open(region: &Region, ctx: &Context) -> Result<RegionStore, Probe> 
         e => Probe::Unreachable(e.to_string()),
     })?;
     Ok(store.with_kms(kms))
+}
+
+/// The `accessKeyID` and `secretAccessKey` of the Secret `secret_ref` names in the operator's
+/// namespace, or the probe outcome that says what is wrong (`field` names the reference in it).
+async fn credentials(
+    ctx: &Context,
+    secret_ref: &crate::api::SecretReference,
+    field: &str,
+) -> Result<S3Credentials, Probe> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
+    let name = format!("{}/{}{field}", ctx.config.operator_namespace, secret_ref.name);
+    match secrets.get_opt(&secret_ref.name).await {
+        Ok(Some(secret)) => s3_credentials(&secret).ok_or_else(|| {
+            Probe::SecretNotFound(format!("Secret {name} needs the keys accessKeyID and secretAccessKey"))
+        }),
+        Ok(None) => Err(Probe::SecretNotFound(format!(
+            "Secret {name} not found: create it with the keys accessKeyID and secretAccessKey"
+        ))),
+        Err(e) => Err(Probe::Unreachable(format!("cannot read Secret {name}: {e}"))),
+    }
 }
 
 /// The KMS a Region names (`spec.kms`; the local one when unset), or the probe outcome that
@@ -195,26 +195,9 @@ async fn kms(region: &Region, ctx: &Context) -> Result<crate::crypt::Kms, Probe>
     let (Some(endpoint), Some(secret_ref)) = (spec.endpoint.as_deref(), spec.secret_ref.as_ref()) else {
         return Err(Probe::InvalidSpec("kms: provider AWS needs endpoint and secretRef".into()));
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
-    let name = format!("{}/{}", ctx.config.operator_namespace, secret_ref.name);
-    let credentials = match secrets.get_opt(&secret_ref.name).await {
-        Ok(Some(secret)) => s3_credentials(&secret).ok_or_else(|| {
-            Probe::SecretNotFound(format!(
-                "Secret {name} (spec.kms.secretRef) needs the keys accessKeyID and secretAccessKey"
-            ))
-        })?,
-        Ok(None) => {
-            return Err(Probe::SecretNotFound(format!(
-                "Secret {name} (spec.kms.secretRef) not found: create it with the keys accessKeyID and secretAccessKey"
-            )));
-        }
-        Err(e) => return Err(Probe::Unreachable(format!("cannot read Secret {name}: {e}"))),
-    };
-    let credentials = crypt::aws::Credentials {
-        access_key_id: credentials.access_key_id,
-        secret_access_key: credentials.secret_access_key,
-        session_token: None,
-    };
+    let S3Credentials { access_key_id, secret_access_key } =
+        credentials(ctx, secret_ref, " (spec.kms.secretRef)").await?;
+    let credentials = crypt::aws::Credentials { access_key_id, secret_access_key, session_token: None };
     let client = crypt::aws::AwsKms::new(endpoint, spec.aws_region.as_deref().unwrap_or("us-east-1"), credentials)
         .map_err(|e| Probe::InvalidSpec(format!("kms: {e}")))?;
     Ok(crypt::Kms::aws(client))

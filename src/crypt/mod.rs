@@ -13,7 +13,7 @@ use std::{ops::Range, sync::Arc};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
-use object_store::{ObjectStore, ObjectStoreExt, path::Path};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, path::Path};
 
 pub use envelope::{EnvelopeError, HEADER_LEN, Header, Opener, Opening, Sealer, sealed_len};
 pub use kms::{DataKey, Kms, KmsError, LocalKeys};
@@ -78,8 +78,11 @@ pub async fn open_uncached(store: &RegionStore, object: &Path) -> Result<Opener,
 
 async fn open_with(store: &RegionStore, object: &Path, cached: bool) -> Result<Opener, CryptError> {
     let kms = kms_of(store)?;
-    let size = store.object_store().head(object).await?.size;
-    let header_bytes = store.object_store().get_range(object, 0..HEADER_LEN.min(size)).await?;
+    // One request: the header, and the object's size with it.
+    let options = GetOptions { range: Some(GetRange::Bounded(0..HEADER_LEN)), ..Default::default() };
+    let got = store.object_store().get_opts(object, options).await?;
+    let size = got.meta.size;
+    let header_bytes = got.bytes().await?;
     let header = Header::decode(&header_bytes)?;
     if header.provider != kms.provider() {
         return Err(CryptError::Key(KmsError::Unavailable(format!(
@@ -92,8 +95,24 @@ async fn open_with(store: &RegionStore, object: &Path, cached: bool) -> Result<O
     Ok(Opener::new(&data_key.0, &header_bytes, size)?)
 }
 
+/// Plaintext `range` of the sealed `object` (opened by `opener`): the segments it touches, read
+/// in one request and opened.
+async fn read_plain(
+    store: &dyn ObjectStore,
+    object: &Path,
+    opener: &Opener,
+    range: &Range<u64>,
+) -> Result<Vec<u8>, CryptError> {
+    let (_, sealed) = opener.sealed_range(range);
+    let bytes = store.get_range(object, sealed).await?;
+    let mut opening = Opening::new(opener, range);
+    let plain = opening.push(&bytes)?;
+    opening.finish()?;
+    Ok(plain)
+}
+
 /// Plaintext `range` of the sealed `object` (opened by `opener`), read [`READ_SEGMENTS`] sealed
-/// segments at a time; an error ends it.
+/// segments at a time (its consumers stop at the first error).
 pub fn plain_stream(
     store: Arc<dyn ObjectStore>,
     object: Path,
@@ -111,18 +130,8 @@ pub fn plain_stream(
             async move {
                 let plain = batch.start * envelope::SEGMENT..(batch.end * envelope::SEGMENT).min(opener.plain_len());
                 let want = range.start.max(plain.start)..range.end.min(plain.end);
-                let (_, sealed) = opener.sealed_range(&want);
-                let bytes = store.get_range(&object, sealed).await?;
-                let mut opening = Opening::new(&opener, &want);
-                let out = opening.push(&bytes)?;
-                opening.finish()?;
-                Ok(Bytes::from(out))
+                read_plain(&*store, &object, &opener, &want).await.map(Bytes::from)
             }
-        })
-        .scan(false, |failed, item: Result<Bytes, CryptError>| {
-            let give = (!*failed).then_some(item);
-            *failed = give.as_ref().is_some_and(Result::is_err);
-            futures::future::ready(give)
         })
         .boxed()
 }
@@ -146,12 +155,8 @@ impl PlainReader {
     fn segment(&mut self, index: u64) -> std::io::Result<&[u8]> {
         if self.last.as_ref().is_none_or(|(i, _)| *i != index) {
             let range = index * envelope::SEGMENT..((index + 1) * envelope::SEGMENT).min(self.opener.plain_len());
-            let (_, sealed) = self.opener.sealed_range(&range);
-            let bytes =
-                self.runtime.block_on(self.store.get_range(&self.object, sealed)).map_err(std::io::Error::other)?;
-            let mut opening = Opening::new(&self.opener, &range);
-            let plain = opening.push(&bytes).map_err(std::io::Error::other)?;
-            opening.finish().map_err(std::io::Error::other)?;
+            let read = read_plain(&*self.store, &self.object, &self.opener, &range);
+            let plain = self.runtime.block_on(read).map_err(std::io::Error::other)?;
             self.last = Some((index, plain));
         }
         Ok(self.last.as_ref().map(|(_, p)| p.as_slice()).unwrap_or_default())

@@ -368,11 +368,10 @@ async fn write_object<C: Conn>(
     limits: &Limits,
     still: impl Fn() -> bool,
 ) -> io::Result<()> {
-    let Object { status, readable, range, total, opener } = object;
-    if let Some(opener) = opener {
-        let object = Object { status, readable, range, total, opener: None };
-        return write_sealed(conn, object, opener, close, head_only, limits, still).await;
+    if object.opener.is_some() {
+        return write_sealed(conn, object, close, head_only, limits, still).await;
     }
+    let Object { status, readable, range, total, .. } = object;
     write_timed(conn, head_text(status, &object_headers(status, readable, &range, total), close).as_bytes(), limits)
         .await?;
     conn.flush().await?;
@@ -442,13 +441,13 @@ fn object_headers(
 async fn write_sealed<C: Conn>(
     conn: &mut C,
     object: Object<'_>,
-    opener: std::sync::Arc<crate::crypt::Opener>,
     close: bool,
     head_only: bool,
     limits: &Limits,
     still: impl Fn() -> bool,
 ) -> io::Result<()> {
-    let Object { status, readable, range, total, .. } = object;
+    let Object { status, readable, range, total, opener } = object;
+    let Some(opener) = opener else { return Err(io::Error::other("write_sealed needs an encrypted object")) };
     let store = readable.store.object_store().clone();
     let mut stream = crate::crypt::plain_stream(store, readable.object.clone(), opener, range.clone());
     let first = if head_only || range.is_empty() {

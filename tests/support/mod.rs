@@ -579,3 +579,20 @@ pub async fn http_code_unavailable(url: &str) -> u16 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A qcow2 with data in it (`mib` MiB of a pattern; a convert or a format check has something
+/// to get right): writes `dir/src.raw` and `dir/disk.qcow2` and returns (qcow2 bytes, raw bytes).
+pub fn qcow2_with_data(dir: &std::path::Path, mib: u32) -> (Vec<u8>, Vec<u8>) {
+    let raw = dir.join("src.raw");
+    let pattern: Vec<u8> = (0..mib << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&raw, &pattern).unwrap();
+    let out = dir.join("disk.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&out)
+        .status()
+        .expect("qemu-img runs");
+    assert!(made.success(), "qemu-img convert");
+    (std::fs::read(&out).unwrap(), pattern)
+}

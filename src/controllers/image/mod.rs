@@ -251,12 +251,8 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
         // without one (the local keys' watch re-runs encrypted images when they change).
         Some(ImagePhase::Failed)
             if old.observed_generation == image.metadata.generation
-                && ready_reason(&old.conditions) != Some(Reason::KeyUnavailable.as_str()) =>
-        {
-            return Step::Idle;
-        }
-        Some(ImagePhase::Failed)
-            if old.observed_generation == image.metadata.generation && !key_back(ctx, image).await =>
+                && (ready_reason(&old.conditions) != Some(Reason::KeyUnavailable.as_str())
+                    || !key_back(ctx, image).await) =>
         {
             return Step::Idle;
         }
