@@ -381,6 +381,8 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         readiness: readiness.clone(),
         metrics,
         delivery: Some(delivery),
+        // A volume's path is on its node, not in this pod: captures need the mover Job.
+        capture_in_process: false,
     };
     tracing::info!(
         public_namespace = %config.public_namespace,

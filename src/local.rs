@@ -37,9 +37,22 @@ pub struct Manifest {
     pub object: Value,
 }
 
-/// `file://./path` image URLs are relative to the manifest's directory: `local` makes them
-/// absolute before applying (a local convenience, like kustomize's relative paths).
+/// `file://./path` image URLs, and `./path` paths of PersistentVolumes (`hostPath`, `local`: the
+/// disks a capture reads), are relative to the manifest's directory: `local` makes them absolute
+/// before applying (a local convenience, like kustomize's relative paths).
 pub fn resolve_relative_files(object: &mut Value, dir: &Path) {
+    if object.get("kind").and_then(Value::as_str) == Some("PersistentVolume") {
+        for pointer in ["/spec/hostPath/path", "/spec/local/path"] {
+            if let Some(path) = object.pointer_mut(pointer)
+                && let Some(rest) = path.as_str().and_then(|p| p.strip_prefix("./"))
+            {
+                let joined = dir.join(rest);
+                let joined = std::fs::canonicalize(&joined).unwrap_or(joined);
+                *path = Value::String(joined.display().to_string());
+            }
+        }
+        return;
+    }
     let absolute = |url: &mut Value| {
         if let Some(rest) = url.as_str().and_then(|u| u.strip_prefix("file://./")) {
             let path = dir.join(rest);
@@ -517,6 +530,8 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
             tls_secret: None,
             limits: Default::default(),
         }),
+        // Claims bound to hostPath or local volumes are read here, where those paths are.
+        capture_in_process: true,
     };
     eprintln!("serving images on http://{images_at} while this runs");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -97,6 +97,14 @@ reasons! {
     Protected,
     /// The KMS key of an encrypted image is missing, disabled or refused.
     KeyUnavailable,
+    /// Bytes are being captured from a volume.
+    Capturing,
+    /// The claim (or the volume it is bound to) a capture names does not exist (yet).
+    VolumeNotFound,
+    /// The claim is ReadWriteOnce and mounted by a running pod: the capture waits until it is free.
+    VolumeInUse,
+    /// The capture could not read the volume (the message says why).
+    CaptureFailed,
     // ImageShare
     /// The shared image does not exist.
     ImageNotFound,

@@ -49,6 +49,9 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
     validation = Rule::new("(has(self.type) && self.type in ['DataDisk', 'ISO']) || has(self.os) || has(self.source.image)")
         .message("os is required for SystemDisk and FullServer images: set spec.os (type, distribution, version, architecture)")
         .field_path(".os"),
+    validation = Rule::new("!has(self.source.volume) || !has(self.type) || self.type in ['SystemDisk', 'DataDisk']")
+        .message("source.volume captures one disk, for a SystemDisk or DataDisk image: set type to one of them (a FullServer needs every disk of a server)")
+        .field_path(".source.volume"),
     validation = Rule::new("!has(self.source.disks) || (has(self.type) && self.type == 'FullServer')")
         .message("source.disks is only for FullServer images: use source.url for a single disk, or set type: FullServer")
         .field_path(".source.disks"),
@@ -270,10 +273,10 @@ pub struct Encryption {
 /// Where an image's bytes come from: exactly one variant.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
-    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) == 1")
-        .message("exactly one of source.url, source.disks, source.image or source.copy must be set"),
-    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy)")
-        .message("the kind of source (url, disks, image or copy) is immutable: create a new Image instead")
+    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) + (has(self.volume) ? 1 : 0) == 1")
+        .message("exactly one of source.url, source.disks, source.image, source.copy or source.volume must be set"),
+    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy) && has(self.volume) == has(oldSelf.volume)")
+        .message("the kind of source (url, disks, image, copy or volume) is immutable: create a new Image instead")
 )]
 pub struct ImageSource {
     /// Import one image file from a URL.
@@ -292,6 +295,20 @@ pub struct ImageSource {
     /// Copy the bytes of another image of this namespace (written by ImageCopy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopySource>,
+    /// Capture a PersistentVolumeClaim of this namespace: a block claim, or a filesystem claim
+    /// holding `disk.img` at its root (the KubeVirt convention). For `SystemDisk` and `DataDisk`
+    /// images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeSource>,
+}
+
+/// A PersistentVolumeClaim to capture.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSource {
+    /// Name of the claim, in the image's namespace (never another's).
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
 }
 
 /// An image file to import.

@@ -44,6 +44,9 @@ pub struct Config {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The image server (`None`: locations stay the stores' own URLs, as in unit tests).
     pub delivery: Option<crate::delivery::DeliveryConfig>,
+    /// Whether captures (`source.volume`) read claims bound to `hostPath` or `local` volumes
+    /// in-process (`ims-operator local`: the operator runs where those paths are).
+    pub capture_in_process: bool,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             readiness: crate::admin::Readiness::default(),
             metrics: Arc::default(),
             delivery: None,
+            capture_in_process: false,
         }
     }
 }

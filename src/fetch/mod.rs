@@ -877,6 +877,21 @@ pub struct LocalFile {
     pub len: u64,
 }
 
+/// The `file://` URL of an absolute `path`, percent-encoding all but unreserved characters and
+/// `/` (what [`open_local_file`] decodes back to `path`).
+pub fn file_url(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            url.push(b as char);
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
 /// Whether `url` is a `file:` URL (which [`open`] reads only with [`FetchPolicy::allow_file`]).
 pub fn is_file_url(url: &str) -> bool {
     scheme_of(url.trim()).is_some_and(|s| s.eq_ignore_ascii_case("file"))

@@ -89,6 +89,9 @@ pub enum ImportError {
     /// Encrypting or decrypting failed: the KMS key is unavailable, or sealed bytes do not open.
     #[error("{0}")]
     Crypt(#[from] crate::crypt::CryptError),
+    /// A captured volume could not be read (the message says what to change).
+    #[error("{0}")]
+    Capture(String),
 }
 
 impl ImportError {
@@ -104,6 +107,7 @@ impl ImportError {
             ImportError::Crypt(CryptError::Key(_)) => Reason::KeyUnavailable,
             ImportError::Crypt(CryptError::Envelope(_)) => Reason::ChecksumMismatch,
             ImportError::Crypt(CryptError::Store(_)) => Reason::RegionNotReady,
+            ImportError::Capture(_) => Reason::CaptureFailed,
         }
     }
 

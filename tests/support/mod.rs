@@ -184,6 +184,8 @@ impl Env {
                 tls_secret: None,
                 limits: Default::default(),
             }),
+            // Scenarios' volumes are local files.
+            capture_in_process: true,
         }
     }
 

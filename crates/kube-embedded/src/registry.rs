@@ -137,9 +137,17 @@ pub fn kinds(crds: impl IntoIterator<Item = CustomResourceDefinition>) -> Result
         Kind::builtin("", "v1", "Secret", "secrets", true, false),
         Kind::builtin("events.k8s.io", "v1", "Event", "events", true, false),
         Kind::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, false),
+        // What a capture reads (`source.volume`): claims, the volumes they bind, and the pods
+        // that mount them. Stored and served as they are: no binder, no kubelet.
+        Kind::builtin("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, true),
+        Kind::builtin("", "v1", "PersistentVolume", "persistentvolumes", false, true),
+        Kind::builtin("", "v1", "Pod", "pods", true, true),
     ];
     kinds[0].short_names = vec!["ns".into()];
     kinds[2].short_names = vec!["ev".into()];
+    kinds[4].short_names = vec!["pvc".into()];
+    kinds[5].short_names = vec!["pv".into()];
+    kinds[6].short_names = vec!["po".into()];
     for crd in crds {
         kinds.push(Kind::from_crd(&crd)?);
     }

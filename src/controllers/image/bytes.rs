@@ -55,6 +55,17 @@ pub enum From {
         /// Whether it is encrypted (its image has `encryption`).
         sealed: bool,
     },
+    /// A captured volume, read in-process (see `capture`).
+    Volume {
+        /// The claim's name (for messages).
+        claim: String,
+        /// The volume's path (the only directory read).
+        root: std::path::PathBuf,
+        /// The file read: `root` for a block claim, `root/disk.img` for a filesystem claim.
+        path: std::path::PathBuf,
+        /// Whether the claim is a block claim.
+        block: bool,
+    },
 }
 
 impl Part {
@@ -90,6 +101,7 @@ pub fn parts(source: &ImageSource) -> Option<Vec<Part>> {
 pub fn saving_message(parts: &[Part]) -> String {
     match parts {
         [Part { from: From::Url { url, .. }, .. }] => format!("importing {}", redact(url)),
+        [Part { from: From::Volume { claim, .. }, .. }] => format!("capturing PersistentVolumeClaim {claim}"),
         many => format!("importing {} disks", many.len()),
     }
 }
@@ -222,6 +234,29 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
                         encrypt,
                     };
                     import::copy(request, progress).await
+                }
+                From::Volume { claim, root, path, block } => {
+                    // Only the volume's own path is read (the operator's stores stay denied).
+                    let policy = crate::fetch::FetchPolicy {
+                        allow_file: true,
+                        file_roots: vec![root.clone()],
+                        ..ctx.config.fetch.clone()
+                    };
+                    let url = crate::fetch::file_url(path);
+                    let request = Request {
+                        url: &url,
+                        checksum: None,
+                        declared: DeclaredFormat::Auto,
+                        limit: job.limit_gib.saturating_mul(GIB),
+                        image_type: Some(image.spec.r#type),
+                        encrypt,
+                    };
+                    import::import(store, &object, request, &policy, progress).await.map_err(|e| match e {
+                        import::ImportError::Source(e) => {
+                            import::ImportError::Capture(super::capture::read_failure(claim, path, *block, &e))
+                        }
+                        other => other,
+                    })
                 }
             }
         };

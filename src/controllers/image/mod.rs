@@ -21,6 +21,7 @@ use kube::{
 };
 
 mod bytes;
+mod capture;
 mod copy;
 pub mod reference;
 
@@ -293,6 +294,22 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             known_total: None,
             limit_gib,
         })),
+        Work::Capture(claim) => match capture::resolve(ctx, image, &claim).await {
+            Err(step) => step,
+            Ok(part) => {
+                let parts = vec![part];
+                Step::Move(Box::new(Move {
+                    store,
+                    message: bytes::saving_message(&parts),
+                    parts,
+                    cross_region: false,
+                    reason: Reason::Capturing,
+                    lineage: None,
+                    known_total: None,
+                    limit_gib,
+                }))
+            }
+        },
         // The copy rules first, then the bytes of the image the copy names.
         Work::Copy(source) => match copy::plan(ctx, image, &source) {
             Err((phase, reason, message)) => {
@@ -457,11 +474,16 @@ enum Work {
     Import(Vec<bytes::Part>),
     /// Copied from the image of this name.
     Copy(String),
+    /// Captured from the PersistentVolumeClaim of this name.
+    Capture(String),
 }
 
 impl Work {
     /// The work of an owned image; `None` when it has no byte source.
     fn of(image: &Image) -> Option<Work> {
+        if let Some(volume) = &image.spec.source.volume {
+            return Some(Work::Capture(volume.claim_name.clone()));
+        }
         match (&image.spec.source.copy, bytes::parts(&image.spec.source)) {
             (Some(copy), _) => Some(Work::Copy(copy.name.clone())),
             (None, Some(parts)) => Some(Work::Import(parts)),
