@@ -42,6 +42,15 @@ pub struct Kind {
 }
 
 impl Kind {
+    /// Fields a field selector may name besides `metadata.name` and `metadata.namespace`, as the
+    /// apiserver allows them for built-in kinds (custom resources: none).
+    pub fn selectable_fields(&self) -> &'static [&'static str] {
+        match (self.group.as_str(), self.kind.as_str(), self.schema.is_none()) {
+            ("", "Pod", true) => &["status.phase"],
+            _ => &[],
+        }
+    }
+
     /// `apiVersion` of the kind's objects.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() { self.version.clone() } else { format!("{}/{}", self.group, self.version) }

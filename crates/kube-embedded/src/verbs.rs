@@ -282,13 +282,15 @@ impl Inner {
         obj.clone()
     }
 
-    /// Parses label and field selectors of a list or watch.
-    pub fn selectors(&self, query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    /// Parses label and field selectors of a list or watch of `kind`.
+    pub fn selectors(&self, kind: &Kind, query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
         let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))
             .map_err(ApiError::bad_request)?;
         let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
             .map_err(ApiError::bad_request)?;
-        fields.check_supported(&["metadata.name", "metadata.namespace"]).map_err(ApiError::bad_request)?;
+        let mut supported = vec!["metadata.name", "metadata.namespace"];
+        supported.extend_from_slice(kind.selectable_fields());
+        fields.check_supported(&supported).map_err(ApiError::bad_request)?;
         Ok((labels, fields))
     }
 
@@ -300,7 +302,7 @@ impl Inner {
     /// GET a collection, with selectors and limit/continue paging.
     pub fn list(&self, target: &Target, query: &Query) -> Result<Value, ApiError> {
         let kind = self.kind(target);
-        let (label_sel, field_sel) = self.selectors(query)?;
+        let (label_sel, field_sel) = self.selectors(kind, query)?;
         let store = self.store.lock().map_err(|_| ApiError::bad_request("store poisoned"))?;
         let after = query.get("continue").filter(|c| !c.is_empty()).cloned();
         let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);

@@ -57,7 +57,7 @@ impl Filter {
 impl Inner {
     /// Starts a watch; the receiver yields the lines of the response body.
     pub fn watch(self: &Arc<Self>, target: &Target, query: &Query) -> Result<mpsc::Receiver<Bytes>, ApiError> {
-        let (labels, fields) = self.selectors(query)?;
+        let (labels, fields) = self.selectors(&self.kinds[target.kind], query)?;
         let mut filter = Filter { namespace: target.namespace.clone(), labels, fields };
         if let Some(name) = &target.name {
             filter.fields = FieldSelector::parse(&format!("metadata.name={name}")).map_err(ApiError::bad_request)?;

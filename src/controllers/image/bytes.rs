@@ -59,9 +59,8 @@ pub enum From {
     Volume {
         /// The claim's name (for messages).
         claim: String,
-        /// The volume's path (the only directory read).
-        root: std::path::PathBuf,
-        /// The file read: `root` for a block claim, `root/disk.img` for a filesystem claim.
+        /// The file read: the volume's path for a block claim, `disk.img` in it for a filesystem
+        /// claim.
         path: std::path::PathBuf,
         /// Whether the claim is a block claim.
         block: bool,
@@ -235,11 +234,12 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
                     };
                     import::copy(request, progress).await
                 }
-                From::Volume { claim, root, path, block } => {
+                From::Volume { claim, path, block } => {
                     // Only the volume's own path is read (the operator's stores stay denied).
+                    let root = if *block { path.as_path() } else { path.parent().unwrap_or(path) };
                     let policy = crate::fetch::FetchPolicy {
                         allow_file: true,
-                        file_roots: vec![root.clone()],
+                        file_roots: vec![root.to_path_buf()],
                         ..ctx.config.fetch.clone()
                     };
                     let url = crate::fetch::file_url(path);

@@ -40,14 +40,16 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
         );
         return Err(Shown::queued(Reason::VolumeNotFound, message, WAITING_RECHECK));
     };
-    let spec = pvc.spec.clone().unwrap_or_default();
+    let spec = pvc.spec.as_ref();
     let not_bound = || {
         let message = format!(
             "PersistentVolumeClaim {claim} is not bound to a volume (yet): its spec.volumeName must name a PersistentVolume whose spec.claimRef names the claim; the capture starts when it is"
         );
         Shown::queued(Reason::VolumeNotFound, message, WAITING_RECHECK)
     };
-    let Some(volume_name) = spec.volume_name.clone().filter(|v| !v.is_empty()) else { return Err(not_bound()) };
+    let Some(volume_name) = spec.and_then(|s| s.volume_name.as_deref()).filter(|v| !v.is_empty()) else {
+        return Err(not_bound());
+    };
     if let Some(pod) = mounted_by_running_pod(ctx, &namespace, &pvc).await.map_err(|e| unreadable("the pods", e))? {
         let message = format!(
             "PersistentVolumeClaim {claim} is ReadWriteOnce and mounted by the running pod {pod}: stop the pod (or its server) and the capture starts; a disk in use would be captured inconsistent"
@@ -59,7 +61,7 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
         return Err(Shown::step(ImagePhase::Failed, Reason::CaptureFailed, message, Action::await_change()));
     }
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let Some(pv) = volumes.get_opt(&volume_name).await.map_err(|e| unreadable("the volume", e))? else {
+    let Some(pv) = volumes.get_opt(volume_name).await.map_err(|e| unreadable("the volume", e))? else {
         return Err(not_bound());
     };
     let pv_spec = pv.spec.unwrap_or_default();
@@ -77,10 +79,10 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
         );
         return Err(Shown::step(ImagePhase::Failed, Reason::CaptureFailed, message, Action::await_change()));
     };
-    let block = spec.volume_mode.as_deref() == Some("Block");
+    let block = spec.and_then(|s| s.volume_mode.as_deref()) == Some("Block");
     let root = PathBuf::from(root);
-    let path = if block { root.clone() } else { root.join(DISK_FILE) };
-    Ok(Part { role: None, from: From::Volume { claim: claim.to_string(), root, path, block } })
+    let path = if block { root } else { root.join(DISK_FILE) };
+    Ok(Part { role: None, from: From::Volume { claim: claim.to_string(), path, block } })
 }
 
 /// The file a filesystem claim holds its disk in (KubeVirt's convention).
@@ -102,13 +104,13 @@ async fn mounted_by_running_pod(
     }
     let claim = pvc.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let list = pods.list(&ListParams::default()).await?;
-    Ok(list.items.into_iter().find_map(|pod| {
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    // Only the running ones, and only when a capture is about to start or waits for the pod.
+    let running = pods.list(&ListParams::default().fields("status.phase=Running")).await?;
+    Ok(running.items.into_iter().find_map(|pod| {
         let mounts = pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).is_some_and(|volumes| {
             volumes.iter().any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim))
         });
-        (running && mounts).then(|| pod.name_any())
+        mounts.then(|| pod.name_any())
     }))
 }
 

@@ -205,6 +205,15 @@ struct Move {
     limit_gib: u64,
 }
 
+impl Move {
+    /// New bytes (an import or a capture) into the image's own region.
+    fn into_region(store: RegionStore, parts: Vec<bytes::Part>, reason: Reason, limit_gib: u64) -> Step {
+        let message = bytes::saving_message(&parts);
+        let (cross_region, lineage, known_total) = (false, None, None);
+        Step::Move(Box::new(Move { store, parts, cross_region, reason, message, lineage, known_total, limit_gib }))
+    }
+}
+
 /// Decides what an owned image does, from its status, the caches and the rules: no API writes.
 async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
     let namespace = image.namespace().unwrap_or_default();
@@ -284,31 +293,10 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
     };
     let limit_gib = max_image_gib(ctx.config.policy.max_image_size_gib, region.spec.max_image_size_gib);
     match work {
-        Work::Import(parts) => Step::Move(Box::new(Move {
-            store,
-            message: bytes::saving_message(&parts),
-            parts,
-            cross_region: false,
-            reason: Reason::Importing,
-            lineage: None,
-            known_total: None,
-            limit_gib,
-        })),
+        Work::Import(parts) => Move::into_region(store, parts, Reason::Importing, limit_gib),
         Work::Capture(claim) => match capture::resolve(ctx, image, &claim).await {
             Err(step) => step,
-            Ok(part) => {
-                let parts = vec![part];
-                Step::Move(Box::new(Move {
-                    store,
-                    message: bytes::saving_message(&parts),
-                    parts,
-                    cross_region: false,
-                    reason: Reason::Capturing,
-                    lineage: None,
-                    known_total: None,
-                    limit_gib,
-                }))
-            }
+            Ok(part) => Move::into_region(store, vec![part], Reason::Capturing, limit_gib),
         },
         // The copy rules first, then the bytes of the image the copy names.
         Work::Copy(source) => match copy::plan(ctx, image, &source) {
