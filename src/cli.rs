@@ -51,10 +51,14 @@ pub enum Command {
         output_dir: Option<PathBuf>,
     },
     /// Run the operator against the cluster of KUBECONFIG, or the in-cluster config.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run everything locally on the embedded API (no cluster needed): apply a directory of
     /// manifests, let the controllers settle them, print the outcome like `kubectl get ims -A`.
     Local(crate::local::LocalArgs),
+    /// Stream a volume to the operator (what a capture's mover Job runs): PUT the file or
+    /// block device to --url with the token of --token-file. A failure is written to
+    /// --termination-log (the pod's termination message) and exits 1.
+    Mover(crate::mover::MoverArgs),
 }
 
 /// Flags of `run`.
@@ -112,6 +116,37 @@ pub struct RunArgs {
     pub graceful_shutdown_timeout: u64,
     #[command(flatten)]
     pub images: ImageServerArgs,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+}
+
+/// Flags of captures (`run`): the mover Jobs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CaptureArgs {
+    /// The container image of capture mover Jobs: the operator's own (deploy/ sets it). Without
+    /// it, captures fail with CaptureFailed saying so.
+    #[arg(long, env = "IMS_MOVER_IMAGE", value_name = "IMAGE")]
+    pub mover_image: Option<String>,
+    /// The URL movers upload to: this pod's image server, where the capture waits (deploy/
+    /// sets `http://$(POD_IP):8081`). Default: the image base URL.
+    #[arg(long, env = "IMS_UPLOAD_BASE_URL", value_name = "URL")]
+    pub upload_base_url: Option<String>,
+    /// A mover Job's activeDeadlineSeconds.
+    #[arg(long, env = "IMS_CAPTURE_DEADLINE", default_value_t = 6 * 3600, value_name = "SECONDS")]
+    pub capture_deadline: u64,
+}
+
+impl CaptureArgs {
+    /// The movers' configuration, uploading to `upload_base_url` or else `image_base_url`.
+    pub fn mover(&self, image_base_url: &str) -> Result<Option<crate::controllers::MoverConfig>, CliError> {
+        let Some(image) = self.mover_image.clone() else { return Ok(None) };
+        let upload_base_url = match &self.upload_base_url {
+            Some(url) => base_url(url)?,
+            None => image_base_url.to_string(),
+        };
+        let deadline = Duration::from_secs(self.capture_deadline.max(60));
+        Ok(Some(crate::controllers::MoverConfig { image, upload_base_url, deadline }))
+    }
 }
 
 /// Flags of the image server (`run`).
@@ -302,8 +337,9 @@ pub async fn main() -> ExitCode {
     init_tracing(cli.log_format, default_level);
     let result: Result<u8, String> = match cli.command {
         Command::Crds { output_dir } => write_crds(output_dir).map(|()| 0).map_err(|e| e.to_string()),
-        Command::Run(args) => run(args).await.map(|()| 0).map_err(|e| e.to_string()),
+        Command::Run(args) => run(*args).await.map(|()| 0).map_err(|e| e.to_string()),
         Command::Local(args) => crate::local::run(args).await.map_err(|e| e.to_string()),
+        Command::Mover(args) => crate::mover::run(args).await.map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -365,6 +401,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
     tracing::info!(server = %url, version = %version.git_version, "connected");
     check_crds(&client).await?;
     let delivery = args.images.delivery(&args.operator_namespace).await?;
+    let mover = args.capture.mover(&delivery.base_url)?;
 
     let config = Config {
         policy,
@@ -383,6 +420,7 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         delivery: Some(delivery),
         // A volume's path is on its node, not in this pod: captures need the mover Job.
         capture_in_process: false,
+        mover,
     };
     tracing::info!(
         public_namespace = %config.public_namespace,

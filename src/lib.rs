@@ -30,6 +30,7 @@ pub mod import;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod mover;
 pub mod policy;
 pub mod signal;
 pub mod store;

@@ -532,6 +532,7 @@ pub async fn run(args: LocalArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }),
         // Claims bound to hostPath or local volumes are read here, where those paths are.
         capture_in_process: true,
+        mover: None,
     };
     eprintln!("serving images on http://{images_at} while this runs");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

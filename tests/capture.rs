@@ -9,7 +9,10 @@ mod support;
 use std::time::Duration;
 
 use ims_operator::api::Image;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret},
+};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -74,6 +77,117 @@ async fn remove_volumes(env: &Env, names: &[&str]) {
     for name in names {
         let _ = volumes.delete(name, &DeleteParams::default()).await;
     }
+}
+
+/// The operator with mover Jobs (as `run` does): nothing is read in-process.
+fn with_movers(env: &Env) -> ims_operator::controllers::Config {
+    let mut config = env.operator_config();
+    config.capture_in_process = false;
+    let base_url = config.delivery.as_ref().map(|d| d.base_url.clone()).unwrap();
+    config.mover = Some(ims_operator::controllers::MoverConfig {
+        image: "registry.example/ims-operator:test".into(),
+        upload_base_url: base_url,
+        deadline: Duration::from_secs(600),
+    });
+    config
+}
+
+/// The mover Job of `image` (disk 0), once the operator has created it.
+async fn mover_job(env: &Env, images: &Api<Image>, ns: &str, image: &str) -> Job {
+    let jobs: Api<Job> = Api::namespaced(env.client.clone(), ns);
+    for _ in 0..300 {
+        let uid = images.get(image).await.unwrap().metadata.uid.unwrap();
+        if let Some(job) = jobs.get_opt(&format!("ims-capture-{uid}-0")).await.unwrap() {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no mover Job for {image}");
+}
+
+/// What a kubelet would do with the mover Job: run its container's command, with `volume` where
+/// the claim is and the token of the Job's Secret. Returns the exit code and the termination
+/// message.
+async fn run_mover(env: &Env, job: &Job, volume: &std::path::Path, token: Option<&str>) -> (i32, String) {
+    let ns = job.metadata.namespace.clone().unwrap();
+    let name = job.metadata.name.clone().unwrap();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+    let token = match token {
+        Some(token) => token.to_string(),
+        None => {
+            let secret = secrets.get(&name).await.expect("the token Secret");
+            String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), token).unwrap();
+    let container = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let mut args: Vec<String> = container.args.clone().unwrap();
+    for arg in args.iter_mut() {
+        if arg == "/dev/ims-disk" || arg == "/mnt/disk/disk.img" {
+            *arg = volume.display().to_string();
+        } else if arg == "/var/run/ims-capture/token" {
+            *arg = dir.path().join("token").display().to_string();
+        }
+    }
+    let log = dir.path().join("termination-log");
+    args.extend(["--termination-log".to_string(), log.display().to_string()]);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ims-operator")).args(&args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    (out.status.code().unwrap_or(-1), std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// Whether `kind` `name` of `ns` is gone within the wait.
+async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for _ in 0..300 {
+        if api.get_opt(name).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Fails the mover Job's pod with `message` as its termination message, as a kubelet would;
+/// on the embedded API, which runs no Job controller, the pod is made and the Job failed too.
+async fn fail_mover(env: &Env, job: &Job, message: &str) {
+    let ns = job.metadata.namespace.clone().unwrap();
+    let name = job.metadata.name.clone().unwrap();
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    let selector = format!("batch.kubernetes.io/job-name={name}");
+    let terminated = json!({"status": {"phase": "Failed", "containerStatuses": [{"name": "mover",
+        "image": "registry.example/ims-operator:test", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}}}]}});
+    if env.server().is_some() {
+        let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-x"), "labels": {"batch.kubernetes.io/job-name": name}},
+            "spec": {"containers": [{"name": "mover", "image": "registry.example/ims-operator:test"}]}}))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        pods.patch_status(&format!("{name}-x"), &PatchParams::default(), &Patch::Merge(&terminated)).await.unwrap();
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        let failed = json!({"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}});
+        jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&failed)).await.unwrap();
+        return;
+    }
+    // The Job controller made the pod; once it fails, the controller fails the Job.
+    for _ in 0..300 {
+        let listed = pods.list(&kube::api::ListParams::default().labels(&selector)).await.unwrap();
+        if let Some(pod) = listed.items.first() {
+            let pod_name = pod.metadata.name.clone().unwrap();
+            pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&terminated)).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the Job controller made no pod for {name}");
 }
 
 scenarios! {
@@ -228,6 +342,150 @@ scenarios! {
         full["spec"]["os"] = json!({"type": "Linux", "distribution": "Ubuntu", "version": "24.04", "architecture": "x86_64"});
         let refused = images.patch("full", &PatchParams::apply("test"), &Patch::Apply(&full)).await.unwrap_err();
         assert!(refused.to_string().contains("source.volume captures one disk"), "{refused}");
+        remove_volumes(env, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+
+    async fn a_mover_job_uploads_the_claim_once_and_leaves_nothing_behind(env: &Env) {
+        let ns = env.namespace("cap-job").await;
+        let r = format!("{ns}-r");
+        let disks = tempfile::tempdir().unwrap();
+        let raw: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 247) as u8).collect();
+        let device = disks.path().join("sdb");
+        std::fs::write(&device, &raw).unwrap();
+        let pv = format!("{ns}-sdb");
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        // Where the volume is does not matter to the operator now: the Job's pod mounts it.
+        apply(&pvs, volume(&pv, std::path::Path::new("/dev/not-on-this-machine"), true, false, &ns, "sdb")).await;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
+        apply(&pvcs, claim("sdb", Some(&pv), true)).await;
+        region(env, &r).await;
+        env.start_operator_with(with_movers(env));
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        apply(&images, captured("sdb-backup", &r, "sdb")).await;
+        let capturing = env.wait_for(&images, "sdb-backup", reason_is("Capturing")).await.unwrap();
+        assert_eq!(phase_of(&capturing), "Saving");
+        let job = mover_job(env, &images, &ns, "sdb-backup").await;
+        let name = job.metadata.name.clone().unwrap();
+
+        // The Job as a kubelet gets it: owned by the Image, the claim read-only as a device,
+        // the token from its Secret, no service account token, no privilege, a deadline.
+        let uid = capturing.metadata.uid.clone().unwrap();
+        let owners = job.metadata.owner_references.clone().unwrap();
+        assert!(owners.iter().any(|o| o.kind == "Image" && o.uid == uid && o.controller == Some(true)), "{owners:?}");
+        let spec = job.spec.clone().unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert_eq!(spec.active_deadline_seconds, Some(600));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        let disk = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "disk").unwrap();
+        let disk_claim = disk.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!((disk_claim.claim_name.as_str(), disk_claim.read_only), ("sdb", Some(true)));
+        let token_volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "token").unwrap();
+        assert_eq!(token_volume.secret.as_ref().unwrap().secret_name.as_deref(), Some(name.as_str()));
+        let mover = &pod.containers[0];
+        assert_eq!(mover.image.as_deref(), Some("registry.example/ims-operator:test"));
+        assert_eq!(mover.volume_devices.as_ref().unwrap()[0].device_path, "/dev/ims-disk");
+        assert!(mover.volume_mounts.as_ref().unwrap().iter().all(|m| m.name != "disk"), "a block claim is no mount");
+        let context = mover.security_context.clone().unwrap();
+        assert_eq!(context.privileged, Some(false));
+        assert_eq!(context.allow_privilege_escalation, Some(false));
+        assert_eq!(context.read_only_root_filesystem, Some(true));
+        assert_eq!(context.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+        let secret = secrets.get(&name).await.unwrap();
+        let secret_owners = secret.metadata.owner_references.clone().unwrap();
+        assert!(secret_owners.iter().any(|o| o.kind == "Job" && Some(&o.uid) == job.metadata.uid.as_ref()));
+        assert!(secret_owners.iter().any(|o| o.kind == "Image" && o.uid == uid));
+
+        // A wrong token is refused and changes nothing; the right one uploads.
+        let (code, said) = run_mover(env, &job, &device, Some("0123456789abcdef")).await;
+        assert_eq!(code, 1, "wrong token");
+        assert!(said.contains("token is wrong or used already"), "{said}");
+        let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+        let (code, said) = run_mover(env, &job, &device, Some(&token)).await;
+        assert_eq!(code, 0, "the mover succeeds: {said}");
+        let active = env.wait_for(&images, "sdb-backup", reason_is("Active")).await.unwrap();
+        let status = active.status.unwrap();
+        assert_eq!(status.checksum.unwrap().sha256, sha256(&raw));
+        assert_eq!(status.size_bytes, Some(raw.len() as i64));
+        let (code, _, served) = support::http_get_active(&status.location.unwrap().url, &[]).await;
+        assert!(code == 200 && served == raw, "served {code}, {} bytes", served.len());
+        // The Job and its Secret go when the capture ends; the token served once.
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        assert!(gone(&jobs, &name).await, "the Job is deleted");
+        assert!(gone(&secrets, &name).await, "the Secret is deleted");
+        let (code, said) = run_mover(env, &job, &device, Some(&token)).await;
+        assert_eq!(code, 1, "a used token");
+        assert!(said.contains("token is wrong or used already"), "{said}");
+        remove_volumes(env, &[&pv]).await;
+    }
+
+    async fn a_mover_that_fails_breaks_off_or_sends_too_much_leaves_nothing(env: &Env) {
+        let ns = env.namespace("cap-jobfail").await;
+        let r = format!("{ns}-r");
+        let disks = tempfile::tempdir().unwrap();
+        let fs_root = disks.path().join("fs");
+        std::fs::create_dir(&fs_root).unwrap();
+        std::fs::write(fs_root.join("disk.img"), vec![5u8; 2 << 20]).unwrap();
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
+        let names: Vec<String> = ["dies", "cut", "small"].iter().map(|n| format!("{ns}-{n}")).collect();
+        for (pv, claim_name) in names.iter().zip(["dies", "cut", "small"]) {
+            let mut manifest = volume(pv, &fs_root, false, false, &ns, claim_name);
+            if claim_name == "small" {
+                // A 1 MiB volume cannot hold a 2 MiB disk: the mover reads past it.
+                manifest["spec"]["capacity"]["storage"] = json!("1Mi");
+            }
+            apply(&pvs, manifest).await;
+            apply(&pvcs, claim(claim_name, Some(pv), false)).await;
+        }
+        region(env, &r).await;
+        env.start_operator_with(with_movers(env));
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        for name in ["dies", "cut", "small"] {
+            apply(&images, captured(name, &r, name)).await;
+        }
+
+        // The mover's pod fails before it uploads: its termination message is the reason.
+        let job = mover_job(env, &images, &ns, "dies").await;
+        fail_mover(env, &job, "could not open /mnt/disk/disk.img: Input/output error (os error 5)").await;
+        let failed = env.wait_for(&images, "dies", reason_is("CaptureFailed")).await.unwrap();
+        assert_eq!(phase_of(&failed), "Failed");
+        assert!(message_of(&failed).contains("failed: could not open /mnt/disk/disk.img: Input/output error"), "{}", message_of(&failed));
+
+        // The mover dies mid-stream: half a body, then the connection closes.
+        let job = mover_job(env, &images, &ns, "cut").await;
+        let name = job.metadata.name.clone().unwrap();
+        let args = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+        let url = args[args.iter().position(|a| a == "--url").unwrap() + 1].clone();
+        let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+        let token = String::from_utf8(secrets.get(&name).await.unwrap().data.unwrap()["token"].0.clone()).unwrap();
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_at(rest.find('/').unwrap());
+        let mut socket = tokio::net::TcpStream::connect(host).await.unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Length: 1048576\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut socket, head.as_bytes()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut socket, &vec![9u8; 100_000]).await.unwrap();
+        drop(socket);
+        let cut = env.wait_for(&images, "cut", reason_is("CaptureFailed")).await.unwrap();
+        assert!(message_of(&cut).contains("the upload broke off after 100000 of 1048576 bytes"), "{}", message_of(&cut));
+
+        // More bytes than the claim holds.
+        let job = mover_job(env, &images, &ns, "small").await;
+        let (code, said) = run_mover(env, &job, &fs_root.join("disk.img"), None).await;
+        assert_eq!(code, 1);
+        assert!(said.contains("more than PersistentVolumeClaim small holds (1048576 bytes)"), "{said}");
+        let small = env.wait_for(&images, "small", reason_is("CaptureFailed")).await.unwrap();
+        assert!(message_of(&small).contains("more than PersistentVolumeClaim small holds"), "{}", message_of(&small));
+
+        assert!(support::stored_files(&env.region_dir(&r)).is_empty(), "nothing stored");
+        let jobs: Api<Job> = Api::namespaced(env.client.clone(), &ns);
+        for image in ["dies", "cut", "small"] {
+            let uid = images.get(image).await.unwrap().metadata.uid.unwrap();
+            assert!(gone(&jobs, &format!("ims-capture-{uid}-0")).await, "{image}: its Job is deleted");
+        }
         remove_volumes(env, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
     }
 }

@@ -47,6 +47,20 @@ pub struct Config {
     /// Whether captures (`source.volume`) read claims bound to `hostPath` or `local` volumes
     /// in-process (`ims-operator local`: the operator runs where those paths are).
     pub capture_in_process: bool,
+    /// How captures run mover Jobs (`None`: they cannot, unless `capture_in_process`).
+    pub mover: Option<MoverConfig>,
+}
+
+/// The mover Jobs of captures (`run --mover-image`).
+#[derive(Clone, Debug)]
+pub struct MoverConfig {
+    /// The container image (the operator's own).
+    pub image: String,
+    /// The URL a mover reaches this operator's image server at (the leader's pod, where the
+    /// capture waits), no trailing `/`.
+    pub upload_base_url: String,
+    /// The Job's `activeDeadlineSeconds`.
+    pub deadline: Duration,
 }
 
 impl Default for Config {
@@ -62,6 +76,7 @@ impl Default for Config {
             metrics: Arc::default(),
             delivery: None,
             capture_in_process: false,
+            mover: None,
         }
     }
 }
@@ -107,6 +122,8 @@ pub struct Context {
     pub delivery: Option<crate::delivery::Delivery>,
     /// The local KMS provider's keys (the Secret `ims-kms-keys`), kept current by a watch.
     pub local_kms: crate::crypt::LocalKeys,
+    /// The captures waiting for their mover's upload.
+    pub uploads: Arc<crate::delivery::upload::Uploads>,
 }
 
 /// A DataDisk Image `t/name` with `uid`, being deleted or not, for controller unit tests.
@@ -181,6 +198,7 @@ impl Context {
             ),
             delivery: None,
             local_kms: crate::crypt::LocalKeys::fixed("ims-system/ims-kms-keys", Default::default()),
+            uploads: Default::default(),
         };
         (ctx, TestCaches { images: images_writer, namespaces: namespaces_writer, regions: regions_writer })
     }

@@ -24,7 +24,7 @@ pub mod status;
 pub mod watches;
 
 pub use backoff::Backoff;
-pub use context::{Config, Context};
+pub use context::{Config, Context, MoverConfig};
 #[cfg(test)]
 pub(crate) use context::{test_api, test_image};
 pub use error::Error;

@@ -492,6 +492,7 @@ pub async fn run(
         ),
         delivery: delivery.as_ref().map(|(_, d)| d.clone()),
         local_kms,
+        uploads: Default::default(),
     });
     let _delivery =
         delivery.zip(delivery_config).map(|((tx, d), dc)| serve_images(&ctx, &secrets, &triggers, tx, d, dc));

@@ -12,6 +12,7 @@
 
 use std::{io, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use http::StatusCode;
 use object_store::{GetOptions, GetRange};
 use tokio::{
@@ -138,8 +139,14 @@ struct Head {
     if_range: Option<String>,
     connection: Option<String>,
     host: bool,
-    /// It announces a body (which this server never reads).
+    /// It announces a body (which this server reads only for uploads).
     body: bool,
+    /// `Content-Length`, when given and a number.
+    content_length: Option<u64>,
+    /// `Transfer-Encoding` was given.
+    chunked: bool,
+    /// `Authorization: Bearer <token>`: the token.
+    bearer: Option<String>,
 }
 
 impl Head {
@@ -202,8 +209,20 @@ fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, (StatusCode, &'static str)
             "range" => head.range = value(),
             "if-range" => head.if_range = value(),
             "connection" => head.connection = value(),
-            "content-length" => head.body |= value().is_none_or(|v| v.trim() != "0"),
-            "transfer-encoding" => head.body = true,
+            "content-length" => {
+                head.body |= value().is_none_or(|v| v.trim() != "0");
+                head.content_length = value().and_then(|v| v.trim().parse().ok());
+            }
+            "transfer-encoding" => {
+                head.body = true;
+                head.chunked = true;
+            }
+            "authorization" => {
+                head.bearer = value().and_then(|v| {
+                    let (scheme, token) = v.trim().split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+                })
+            }
             _ => {}
         }
     }
@@ -259,6 +278,12 @@ async fn connection<C: Conn>(mut conn: C, ctx: &Context, keys: &watch::Receiver<
             }
         };
         let keep_alive = head.keep_alive();
+        if head.method == "PUT" && head.path().is_some_and(|p| p.starts_with(super::upload::PREFIX)) {
+            // An upload is the connection's last request.
+            let _ = upload(&mut conn, buf, ctx, &head, limits).await;
+            let _ = tokio::time::timeout(limits.write_timeout, conn.shutdown()).await;
+            return;
+        }
         let refusal = match head.path() {
             _ if !head.http10 && !head.host => Some("a Host header is required\n"),
             // A body would have to be read past; none is expected.
@@ -294,6 +319,83 @@ async fn connection<C: Conn>(mut conn: C, ctx: &Context, keys: &watch::Receiver<
             let _ = tokio::time::timeout(limits.write_timeout, conn.shutdown()).await;
             return;
         }
+    }
+}
+
+/// Receives an upload (see [`super::upload`]): hands its body to the capture that waits for it,
+/// chunk by chunk, and answers with what came of it. What the mover still sends after a refusal
+/// is read and dropped (up to [`DRAIN`]), so that it reads the answer rather than a reset.
+async fn upload<C: Conn>(conn: &mut C, buf: Vec<u8>, ctx: &Context, head: &Head, limits: &Limits) -> io::Result<()> {
+    let (status, body, unread) = receive_upload(conn, buf, ctx, head, limits).await;
+    let head = head_text(status, &text_headers(&body, &[]), true);
+    write_timed(conn, format!("{head}{body}").as_bytes(), limits).await?;
+    let mut left = unread.min(DRAIN);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let room = left.min(chunk.len() as u64) as usize;
+        match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut chunk[..room])).await {
+            Ok(Ok(n)) if n > 0 => left -= n as u64,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// The most of a refused upload's body read and dropped before the connection closes.
+const DRAIN: u64 = 64 << 20;
+
+/// An upload's answer (status and text) and how many bytes of its body were not read.
+async fn receive_upload<C: Conn>(
+    conn: &mut C,
+    mut buf: Vec<u8>,
+    ctx: &Context,
+    head: &Head,
+    limits: &Limits,
+) -> (StatusCode, String, u64) {
+    let announced = head.content_length.unwrap_or(0);
+    let not_found = (StatusCode::NOT_FOUND, server::NOT_FOUND.to_string(), announced);
+    let path = head.path().unwrap_or_default();
+    let Some(sender) = ctx.uploads.take(path, head.bearer.as_deref()) else { return not_found };
+    let Some(length) = head.content_length.filter(|_| !head.chunked) else {
+        let why = "an upload needs a Content-Length (and no Transfer-Encoding)\n";
+        return (StatusCode::LENGTH_REQUIRED, why.into(), 0);
+    };
+    let (chunks, body) = tokio::sync::mpsc::channel(4);
+    let (told, outcome) = tokio::sync::oneshot::channel();
+    if sender.send(super::upload::Upload { length, body, answer: told }).is_err() {
+        return not_found;
+    }
+    let mut received: u64 = 0;
+    buf.truncate(length.min(buf.len() as u64) as usize);
+    if !buf.is_empty() {
+        received = buf.len() as u64;
+        let _ = chunks.send(Ok(Bytes::from(buf))).await;
+    }
+    let mut chunk = vec![0u8; CHUNK as usize];
+    while received < length {
+        let room = (length - received).min(CHUNK) as usize;
+        let broke = |why: &str| format!("the upload broke off after {received} of {length} bytes ({why})");
+        let item = match tokio::time::timeout(limits.idle_timeout, conn.read(&mut chunk[..room])).await {
+            Ok(Ok(0)) => Err(broke("the mover closed the connection")),
+            Ok(Ok(n)) => {
+                received += n as u64;
+                Ok(Bytes::copy_from_slice(&chunk[..n]))
+            }
+            Ok(Err(e)) => Err(broke(&e.to_string())),
+            Err(_) => Err(broke(&format!("nothing for {}s", limits.idle_timeout.as_secs()))),
+        };
+        let failed = item.is_err();
+        // The capture stops reading when it has failed (too large, say): its answer says why.
+        if chunks.send(item).await.is_err() || failed {
+            break;
+        }
+    }
+    drop(chunks);
+    let unread = length - received;
+    match outcome.await {
+        Ok(Ok(())) => (StatusCode::CREATED, "stored\n".into(), unread),
+        Ok(Err(why)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n"), unread),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the capture ended before the upload did\n".into(), unread),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod range;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod upload;
 
 use std::sync::Arc;
 

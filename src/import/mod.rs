@@ -92,6 +92,10 @@ pub enum ImportError {
     /// A captured volume could not be read (the message says what to change).
     #[error("{0}")]
     Capture(String),
+    /// A capture could not start or follow its mover Job for now (the API server did not
+    /// answer): retried.
+    #[error("{0}")]
+    CaptureRetry(String),
 }
 
 impl ImportError {
@@ -108,6 +112,7 @@ impl ImportError {
             ImportError::Crypt(CryptError::Envelope(_)) => Reason::ChecksumMismatch,
             ImportError::Crypt(CryptError::Store(_)) => Reason::RegionNotReady,
             ImportError::Capture(_) => Reason::CaptureFailed,
+            ImportError::CaptureRetry(_) => Reason::Capturing,
         }
     }
 
@@ -115,7 +120,7 @@ impl ImportError {
     pub fn is_transient(&self) -> bool {
         match self {
             ImportError::Source(e) => e.is_transient(),
-            ImportError::Store(_) => true,
+            ImportError::Store(_) | ImportError::CaptureRetry(_) => true,
             ImportError::Crypt(CryptError::Key(KmsError::Transient(_)) | CryptError::Store(_)) => true,
             _ => false,
         }
@@ -176,6 +181,30 @@ pub async fn import(
     progress: Progress<'_>,
 ) -> Result<Imported, ImportError> {
     let result = stream_into(store, object, request, fetch_policy, progress).await;
+    finish(store, object, request, result).await
+}
+
+/// Imports bytes that arrive as `stream` (an upload of `length` bytes) into `object` of
+/// `store`, like [`import`] (`request.url` only names the source).
+pub async fn import_stream(
+    store: &RegionStore,
+    object: &Path,
+    request: Request<'_>,
+    length: Option<u64>,
+    stream: futures::stream::BoxStream<'static, Result<bytes::Bytes, ImportError>>,
+    progress: Progress<'_>,
+) -> Result<Imported, ImportError> {
+    let result = stream_source(store, object, request, length, stream, progress).await;
+    finish(store, object, request, result).await
+}
+
+/// Checks what landed (format, type), and removes it when anything failed.
+async fn finish(
+    store: &RegionStore,
+    object: &Path,
+    request: Request<'_>,
+    result: Result<(u64, String, Option<Opener>), ImportError>,
+) -> Result<Imported, ImportError> {
     let result = match result {
         Ok((size, sha256, opener)) => {
             verify_format(store, object, size, request.declared, opener).await.and_then(|detected| {
@@ -217,16 +246,28 @@ async fn stream_into(
         return Ok((len, sha256, None));
     }
     let source = fetch::open(url, fetch_policy).await?;
-    if source.content_length.is_some_and(|len| len > limit) {
+    let stream = futures::TryStreamExt::map_err(source.stream, ImportError::from).boxed();
+    stream_source(store, object, request, source.content_length, stream, progress).await
+}
+
+async fn stream_source(
+    store: &RegionStore,
+    object: &Path,
+    request: Request<'_>,
+    content_length: Option<u64>,
+    mut stream: futures::stream::BoxStream<'static, Result<bytes::Bytes, ImportError>>,
+    progress: Progress<'_>,
+) -> Result<(u64, String, Option<Opener>), ImportError> {
+    let Request { checksum, limit, encrypt, .. } = request;
+    if content_length.is_some_and(|len| len > limit) {
         return Err(ImportError::TooLarge { limit });
     }
     let want = expected(checksum);
     // Encrypted: the header first, then the sealed segments; the plaintext is what is hashed.
-    let mut sink = pipeline::Sink::start(store, object, source.content_length, encrypt).await?;
+    let mut sink = pipeline::Sink::start(store, object, content_length, encrypt).await?;
     let mut hashing = pipeline::Hashing::start(matches!(want, Some(Expected::Sha512(_))));
     let mut done: u64 = 0;
     let mut last_report = Instant::now();
-    let mut stream = source.stream;
     let outcome: Result<(), ImportError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
@@ -237,7 +278,7 @@ async fn stream_into(
             hashing.feed(&chunk).await?;
             sink.put(chunk).await?;
             if last_report.elapsed() >= progress.every {
-                (progress.report)(done, source.content_length);
+                (progress.report)(done, content_length);
                 last_report = Instant::now();
             }
         }

@@ -186,6 +186,7 @@ impl Env {
             }),
             // Scenarios' volumes are local files.
             capture_in_process: true,
+            mover: None,
         }
     }
 

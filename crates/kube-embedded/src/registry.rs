@@ -151,6 +151,8 @@ pub fn kinds(crds: impl IntoIterator<Item = CustomResourceDefinition>) -> Result
         Kind::builtin("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, true),
         Kind::builtin("", "v1", "PersistentVolume", "persistentvolumes", false, true),
         Kind::builtin("", "v1", "Pod", "pods", true, true),
+        // A capture's mover Job (stored; nothing runs it).
+        Kind::builtin("batch", "v1", "Job", "jobs", true, true),
     ];
     kinds[0].short_names = vec!["ns".into()];
     kinds[2].short_names = vec!["ev".into()];

@@ -65,6 +65,15 @@ pub enum From {
         /// Whether the claim is a block claim.
         block: bool,
     },
+    /// A captured volume, uploaded by a mover Job (see `capture`).
+    Upload {
+        /// The claim's name.
+        claim: String,
+        /// Whether the claim is a block claim (the Job maps it as a device).
+        block: bool,
+        /// The claim's capacity in bytes, when it says: no upload may be larger.
+        capacity: Option<u64>,
+    },
 }
 
 impl Part {
@@ -100,7 +109,9 @@ pub fn parts(source: &ImageSource) -> Option<Vec<Part>> {
 pub fn saving_message(parts: &[Part]) -> String {
     match parts {
         [Part { from: From::Url { url, .. }, .. }] => format!("importing {}", redact(url)),
-        [Part { from: From::Volume { claim, .. }, .. }] => format!("capturing PersistentVolumeClaim {claim}"),
+        [Part { from: From::Volume { claim, .. } | From::Upload { claim, .. }, .. }] => {
+            format!("capturing PersistentVolumeClaim {claim}")
+        }
         many => format!("importing {} disks", many.len()),
     }
 }
@@ -257,6 +268,18 @@ pub async fn move_all(ctx: &Context, api: &Api<Image>, image: &Image, store: &Re
                         }
                         other => other,
                     })
+                }
+                From::Upload { claim, block, capacity } => {
+                    let upload = super::capture::Upload {
+                        claim,
+                        block: *block,
+                        capacity: *capacity,
+                        index,
+                        disk: &part.object_name(index),
+                        limit: job.limit_gib.saturating_mul(GIB),
+                        encrypt,
+                    };
+                    super::capture::upload(ctx, image, store, &object, upload, progress).await
                 }
             }
         };

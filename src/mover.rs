@@ -1,0 +1,123 @@
+//! `ims-operator mover`: what a capture's Job runs. It streams a file (a filesystem claim's
+//! `disk.img`) or a block device to the operator's upload endpoint with `PUT`,
+//! `Content-Length` and the one-time token of its Secret, and exits 0 once the operator answers
+//! that the bytes are stored and verified. Any failure is written to the termination log, which
+//! the operator shows in the image's status (`CaptureFailed`), and exits 1.
+
+use std::{
+    io::{self, SeekFrom},
+    path::PathBuf,
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Flags of `mover`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MoverArgs {
+    /// The file to send (a filesystem claim's `disk.img`).
+    #[arg(long, value_name = "PATH", required_unless_present = "device", conflicts_with = "device")]
+    pub file: Option<PathBuf>,
+    /// The block device to send (a block claim's `volumeDevices` path).
+    #[arg(long, value_name = "PATH")]
+    pub device: Option<PathBuf>,
+    /// The upload URL (`http(s)://<operator>/v1/uploads/...`).
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+    /// The file holding the one-time token (the Secret's `token`, mounted).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Where the reason of a failure is written (the pod's termination message).
+    #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+}
+
+/// Bytes read from the volume at a time.
+const CHUNK: usize = 1 << 20;
+
+/// Runs the mover; the error is what was written to the termination log.
+pub async fn run(args: MoverArgs) -> Result<(), String> {
+    match send(&args).await {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            // The termination log is at most 4096 bytes; the reason fits in the first line.
+            let mut end = why.len().min(4000);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            let message = &why[..end];
+            if let Err(e) = tokio::fs::write(&args.termination_log, message).await {
+                tracing::warn!(path = %args.termination_log.display(), error = %e, "could not write the termination log");
+            }
+            Err(why)
+        }
+    }
+}
+
+async fn send(args: &MoverArgs) -> Result<(), String> {
+    let path = args.device.as_ref().or(args.file.as_ref()).ok_or("give --file or --device")?;
+    let token = tokio::fs::read_to_string(&args.token_file)
+        .await
+        .map_err(|e| format!("could not read the token file {}: {e}", args.token_file.display()))?;
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| format!("could not open {}: {e}", path.display()))?;
+    // A block device's metadata says 0 bytes: its end is its size.
+    let length = file.seek(SeekFrom::End(0)).await.map_err(|e| format!("could not size {}: {e}", path.display()))?;
+    file.seek(SeekFrom::Start(0)).await.map_err(|e| format!("could not read {}: {e}", path.display()))?;
+    let shown = path.display().to_string();
+    let body = futures::StreamExt::boxed(futures::stream::unfold(Some(file), move |state| {
+        let shown = shown.clone();
+        async move {
+            let mut file = state?;
+            match read_chunk(&mut file).await {
+                Ok(chunk) if chunk.is_empty() => None,
+                Ok(chunk) => Some((Ok(Frame::data(chunk)), Some(file))),
+                Err(e) => Some((Err(io::Error::other(format!("reading {shown}: {e}"))), None)),
+            }
+        }
+    }));
+    let request = hyper::Request::put(&args.url)
+        .header(hyper::header::CONTENT_LENGTH, length)
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+        .body(StreamBody::new(body))
+        .map_err(|e| format!("bad upload URL {}: {e}", args.url))?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no TLS roots: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let response = client.request(request).await.map_err(|e| {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        format!("the upload to the operator failed: {why}")
+    })?;
+    let status = response.status();
+    let text = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    if status.is_success() {
+        tracing::info!(bytes = length, "uploaded");
+        return Ok(());
+    }
+    Err(match status.as_u16() {
+        404 => "the operator refused the upload: its token is wrong or used already, or the capture ended".to_string(),
+        _ => format!("the operator refused the upload ({status}): {text}"),
+    })
+}
+
+async fn read_chunk(file: &mut tokio::fs::File) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    while buf.len() < CHUNK {
+        let mut limited = (&mut *file).take((CHUNK - buf.len()) as u64);
+        if limited.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}
