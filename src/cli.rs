@@ -59,6 +59,9 @@ pub enum Command {
     /// block device to --url with the token of --token-file. A failure is written to
     /// --termination-log (the pod's termination message) and exits 1.
     Mover(crate::mover::MoverArgs),
+    /// Write an image back to a file or block device from its delivery URL (what a restore
+    /// Job runs), checking its sha256; a failure goes to --termination-log and exits 1.
+    Restore(crate::mover::RestoreArgs),
 }
 
 /// Flags of `run`.
@@ -340,6 +343,7 @@ pub async fn main() -> ExitCode {
         Command::Run(args) => run(*args).await.map(|()| 0).map_err(|e| e.to_string()),
         Command::Local(args) => crate::local::run(args).await.map_err(|e| e.to_string()),
         Command::Mover(args) => crate::mover::run(args).await.map(|()| 0),
+        Command::Restore(args) => crate::mover::restore(args).await.map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

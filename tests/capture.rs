@@ -17,6 +17,7 @@ use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
+use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::{Env, apply, reason_is, region};
@@ -487,5 +488,73 @@ scenarios! {
             assert!(gone(&jobs, &format!("ims-capture-{uid}-0")).await, "{image}: its Job is deleted");
         }
         remove_volumes(env, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+
+    async fn a_backup_restored_by_the_restore_job_is_the_captured_disk_byte_for_byte(env: &Env) {
+        if !support::have_qemu_img() {
+            return;
+        }
+        let ns = env.namespace("cap-restore").await;
+        let r = format!("{ns}-r");
+        let disks = tempfile::tempdir().unwrap();
+        let (qcow2, _) = support::qcow2_with_data(disks.path(), 3);
+        let pv = format!("{ns}-root");
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        apply(&pvs, volume(&pv, &disks.path().join("disk.qcow2"), true, false, &ns, "root")).await;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
+        apply(&pvcs, claim("root", Some(&pv), true)).await;
+        region(env, &r).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        apply(&images, captured("backup", &r, "root")).await;
+        let active = env.wait_for(&images, "backup", reason_is("Active")).await.unwrap();
+        let location = active.status.unwrap().location.unwrap();
+
+        // The documented restore Job, filled in as its comment says, run as a kubelet would.
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/restore/restore-job.yaml")).unwrap();
+        let run_restore = |checksum: &str, target: &std::path::Path| {
+            let text = text.replace("@URL@", &location.url).replace("@CHECKSUM@", checksum);
+            let job: Job = serde_yaml_ng::Deserializer::from_str(&text)
+                .map(|doc| serde_yaml_ng::Value::deserialize(doc).unwrap())
+                .find(|doc| doc["kind"].as_str() == Some("Job"))
+                .map(|doc| serde_yaml_ng::from_value(doc).unwrap())
+                .expect("the example holds a Job");
+            let container = job.spec.unwrap().template.spec.unwrap().containers.remove(0);
+            let vars: Vec<(String, String)> =
+                container.env.unwrap().into_iter().map(|e| (format!("$({})", e.name), e.value.unwrap())).collect();
+            let device = &container.volume_devices.unwrap()[0].device_path;
+            let mut args = container.args.unwrap();
+            for arg in args.iter_mut() {
+                for (var, value) in &vars {
+                    *arg = arg.replace(var, value);
+                }
+                if arg == device {
+                    *arg = target.display().to_string();
+                }
+            }
+            args.extend(["--termination-log".into(), disks.path().join("log").display().to_string()]);
+            let code = std::process::Command::new(env!("CARGO_BIN_EXE_ims-operator")).args(&args).status().unwrap().code();
+            (code, std::fs::read_to_string(disks.path().join("log")).unwrap_or_default())
+        };
+        let restored = disks.path().join("restored-device");
+        std::fs::write(&restored, b"").unwrap();
+        let (code, said) = tokio::task::block_in_place(|| run_restore(&location.checksum, &restored));
+        assert_eq!(code, Some(0), "{said}");
+        let bytes = std::fs::read(&restored).unwrap();
+        assert_eq!(sha256(&bytes), sha256(&qcow2), "the restored disk is the captured one");
+        let same = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+            .arg(disks.path().join("disk.qcow2"))
+            .arg(&restored)
+            .status()
+            .unwrap();
+        assert!(same.success(), "qemu-img compare: the restored disk has the same contents");
+        // A checksum that does not match is an error, not a silent restore.
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        std::fs::write(disks.path().join("other"), b"").unwrap();
+        let (code, said) = tokio::task::block_in_place(|| run_restore(&wrong, &disks.path().join("other")));
+        assert_eq!(code, Some(1));
+        assert!(said.contains(&format!("hash to {}, not {wrong}", location.checksum)), "{said}");
+        remove_volumes(env, &[&pv]).await;
     }
 }
