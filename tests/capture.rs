@@ -93,12 +93,17 @@ fn with_movers(env: &Env) -> ims_operator::controllers::Config {
     config
 }
 
-/// The mover Job of `image` (disk 0), once the operator has created it.
+/// The mover Job of `image` (disk 0), once the operator has created it and its Secret (the Job
+/// first: a kubelet would wait for the Secret).
 async fn mover_job(env: &Env, images: &Api<Image>, ns: &str, image: &str) -> Job {
     let jobs: Api<Job> = Api::namespaced(env.client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
     for _ in 0..300 {
         let uid = images.get(image).await.unwrap().metadata.uid.unwrap();
-        if let Some(job) = jobs.get_opt(&format!("ims-capture-{uid}-0")).await.unwrap() {
+        let name = format!("ims-capture-{uid}-0");
+        if let Some(job) = jobs.get_opt(&name).await.unwrap()
+            && secrets.get_opt(&name).await.unwrap().is_some()
+        {
             return job;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -556,5 +561,83 @@ scenarios! {
         assert_eq!(code, Some(1));
         assert!(said.contains(&format!("hash to {}, not {wrong}", location.checksum)), "{said}");
         remove_volumes(env, &[&pv]).await;
+    }
+
+    async fn a_stopped_virtual_machine_is_captured_whole_or_one_disk(env: &Env) {
+        if !support::have_qemu_img() {
+            return;
+        }
+        let ns = env.namespace("cap-vm").await;
+        let r = format!("{ns}-r");
+        let disks = tempfile::tempdir().unwrap();
+        let (qcow2, _) = support::qcow2_with_data(disks.path(), 2);
+        let raw: Vec<u8> = (0..1_500_000u32).map(|i| (i * 17 % 241) as u8).collect();
+        std::fs::write(disks.path().join("data.raw"), &raw).unwrap();
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        let (pv_root, pv_data) = (format!("{ns}-root"), format!("{ns}-data"));
+        apply(&pvs, volume(&pv_root, &disks.path().join("disk.qcow2"), true, false, &ns, "web-root")).await;
+        apply(&pvs, volume(&pv_data, &disks.path().join("data.raw"), true, false, &ns, "web-data")).await;
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
+        apply(&pvcs, claim("web-root", Some(&pv_root), true)).await;
+        apply(&pvcs, claim("web-data", Some(&pv_data), true)).await;
+        let vms: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            env.client.clone(),
+            &ns,
+            &kube::core::ApiResource::from_gvk_with_plural(
+                &kube::core::GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine"),
+                "virtualmachines",
+            ),
+        );
+        // The data disk comes first in the device list; the boot order makes root the System disk.
+        apply(&vms, json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "web"},
+            "spec": {"runStrategy": "Always", "template": {"spec": {
+                "domain": {"devices": {"disks": [
+                    {"name": "data", "disk": {"bus": "virtio"}},
+                    {"name": "root", "bootOrder": 1, "disk": {"bus": "virtio"}},
+                    {"name": "cloudinit", "disk": {"bus": "virtio"}}]}},
+                "volumes": [
+                    {"name": "root", "persistentVolumeClaim": {"claimName": "web-root"}},
+                    {"name": "data", "dataVolume": {"name": "web-data"}},
+                    {"name": "cloudinit", "cloudInitNoCloud": {"userData": "#cloud-config"}}]}}}})).await;
+        region(env, &r).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let os = json!({"type": "Linux", "distribution": "Ubuntu", "version": "24.04", "architecture": "x86_64"});
+        let server = |name: &str, kind: &str, vm: serde_json::Value| {
+            json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name},
+                "spec": {"region": r, "type": kind, "os": os, "source": {"virtualMachine": vm}}})
+        };
+        apply(&images, server("web-backup", "FullServer", json!({"name": "web"}))).await;
+        apply(&images, server("web-data", "DataDisk", json!({"name": "web", "disk": "data"}))).await;
+        apply(&images, server("web-nope", "DataDisk", json!({"name": "web", "disk": "nope"}))).await;
+        apply(&images, server("no-vm", "SystemDisk", json!({"name": "db"}))).await;
+        let waiting = env.wait_for(&images, "web-backup", reason_is("ServerRunning")).await.unwrap();
+        assert_eq!(phase_of(&waiting), "Queued");
+        assert!(message_of(&waiting).contains("VirtualMachine web is set to run"), "{}", message_of(&waiting));
+        let no_vm = env.wait_for(&images, "no-vm", reason_is("VolumeNotFound")).await.unwrap();
+        assert!(message_of(&no_vm).contains("VirtualMachine db does not exist"), "{}", message_of(&no_vm));
+        assert!(support::stored_files(&env.region_dir(&r)).is_empty(), "nothing moved while it runs");
+
+        // Stopped: every claim disk is captured, the boot disk as System.
+        let halted = json!({"spec": {"runStrategy": "Halted"}});
+        vms.patch("web", &PatchParams::default(), &Patch::Merge(&halted)).await.unwrap();
+        let active = env.wait_for(&images, "web-backup", reason_is("Active")).await.unwrap();
+        let status = active.status.unwrap();
+        let got: Vec<(String, String)> =
+            status.disks.iter().map(|d| (d.role.clone(), d.sha256.clone().unwrap())).collect();
+        assert_eq!(got, vec![("System".to_string(), sha256(&qcow2)), ("Data".to_string(), sha256(&raw))]);
+        assert_eq!(status.checksum.unwrap().sha256, sha256(&qcow2), "the image's own checksum is its System disk's");
+        let data = env.wait_for(&images, "web-data", reason_is("Active")).await.unwrap();
+        assert_eq!(data.status.unwrap().checksum.unwrap().sha256, sha256(&raw));
+        let nope = env.wait_for(&images, "web-nope", reason_is("CaptureFailed")).await.unwrap();
+        assert!(message_of(&nope).contains("has no disk nope on a PersistentVolumeClaim or DataVolume: name one of root, data"), "{}", message_of(&nope));
+
+        // The disk is for DataDisk images only; an ISO cannot come from a server.
+        let refused = images
+            .patch("bad", &PatchParams::apply("test"), &Patch::Apply(&server("bad", "SystemDisk", json!({"name": "web", "disk": "root"}))))
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("source.virtualMachine.disk names the disk of a DataDisk image"), "{refused}");
+        remove_volumes(env, &[&pv_root, &pv_data]).await;
     }
 }

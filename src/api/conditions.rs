@@ -103,6 +103,8 @@ reasons! {
     VolumeNotFound,
     /// The claim is ReadWriteOnce and mounted by a running pod: the capture waits until it is free.
     VolumeInUse,
+    /// The VirtualMachine a capture names is running: the capture waits until it is stopped.
+    ServerRunning,
     /// The capture could not read the volume (the message says why).
     CaptureFailed,
     // ImageShare

@@ -52,6 +52,12 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
     validation = Rule::new("!has(self.source.volume) || !has(self.type) || self.type in ['SystemDisk', 'DataDisk']")
         .message("source.volume captures one disk, for a SystemDisk or DataDisk image: set type to one of them (a FullServer needs every disk of a server)")
         .field_path(".source.volume"),
+    validation = Rule::new("!has(self.source.virtualMachine) || !has(self.type) || self.type != 'ISO'")
+        .message("source.virtualMachine captures disks, not an ISO: set type to SystemDisk, DataDisk or FullServer")
+        .field_path(".source.virtualMachine"),
+    validation = Rule::new("!has(self.source.virtualMachine) || (has(self.type) && self.type == 'DataDisk') == has(self.source.virtualMachine.disk)")
+        .message("source.virtualMachine.disk names the disk of a DataDisk image, and only then: set it for type DataDisk, remove it otherwise")
+        .field_path(".source.virtualMachine"),
     validation = Rule::new("!has(self.source.disks) || (has(self.type) && self.type == 'FullServer')")
         .message("source.disks is only for FullServer images: use source.url for a single disk, or set type: FullServer")
         .field_path(".source.disks"),
@@ -273,10 +279,10 @@ pub struct Encryption {
 /// Where an image's bytes come from: exactly one variant.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
-    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) + (has(self.volume) ? 1 : 0) == 1")
-        .message("exactly one of source.url, source.disks, source.image, source.copy or source.volume must be set"),
-    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy) && has(self.volume) == has(oldSelf.volume)")
-        .message("the kind of source (url, disks, image, copy or volume) is immutable: create a new Image instead")
+    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) + (has(self.volume) ? 1 : 0) + (has(self.virtualMachine) ? 1 : 0) == 1")
+        .message("exactly one of source.url, source.disks, source.image, source.copy, source.volume or source.virtualMachine must be set"),
+    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy) && has(self.volume) == has(oldSelf.volume) && has(self.virtualMachine) == has(oldSelf.virtualMachine)")
+        .message("the kind of source (url, disks, image, copy, volume or virtualMachine) is immutable: create a new Image instead")
 )]
 pub struct ImageSource {
     /// Import one image file from a URL.
@@ -300,6 +306,24 @@ pub struct ImageSource {
     /// images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeSource>,
+    /// Capture a stopped KubeVirt VirtualMachine (`kubevirt.io/v1`) of this namespace: for
+    /// `FullServer`, every PersistentVolumeClaim and DataVolume disk (the boot disk is the
+    /// `System` disk); for `SystemDisk`, the boot disk; for `DataDisk`, the disk named `disk`.
+    #[serde(default, rename = "virtualMachine", skip_serializing_if = "Option::is_none")]
+    pub virtual_machine: Option<VirtualMachineSource>,
+}
+
+/// A KubeVirt VirtualMachine to capture.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VirtualMachineSource {
+    /// Name of the VirtualMachine, in the image's namespace (never another's).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// For a `DataDisk` image: the disk to capture (a name of
+    /// `spec.template.spec.domain.devices.disks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub disk: Option<String>,
 }
 
 /// A PersistentVolumeClaim to capture.

@@ -76,11 +76,21 @@ fn log_if_asked() {
 /// How long a scenario waits for a condition before failing.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The CRDs of other projects that captures read (tests/fixtures/crds/): KubeVirt's
+/// VirtualMachine.
+pub fn third_party_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crds");
+    let mut files: Vec<_> = std::fs::read_dir(dir).expect("tests/fixtures/crds").map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files.iter().map(|f| serde_yaml_ng::from_str(&std::fs::read_to_string(f).unwrap()).expect("a CRD")).collect()
+}
+
 impl Env {
     /// A fresh embedded API server.
     pub async fn embedded() -> Env {
         log_if_asked();
-        let server = api::embedded();
+        let server = kube_embedded::ApiServer::new(api::crds().into_iter().chain(third_party_crds()));
         // The operator's namespace (its image key Secret lives there), as deploy/ makes it.
         let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": "ims-system"}})).expect("a Namespace");
         Api::<Namespace>::all(server.client()).create(&PostParams::default(), &ns).await.expect("ims-system");
@@ -109,7 +119,7 @@ impl Env {
         let client = Client::try_default().await.expect("a cluster from KUBECONFIG");
         let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
             Api::all(client.clone());
-        for crd in api::crds() {
+        for crd in api::crds().into_iter().chain(third_party_crds()) {
             let name = crd.metadata.name.clone().unwrap_or_default();
             crds.patch(&name, &PatchParams::apply("ims-e2e").force(), &Patch::Apply(&crd)).await.expect("install CRD");
             let established = await_condition(crds.clone(), &name, kube::runtime::conditions::is_crd_established());

@@ -112,6 +112,9 @@ pub fn saving_message(parts: &[Part]) -> String {
         [Part { from: From::Volume { claim, .. } | From::Upload { claim, .. }, .. }] => {
             format!("capturing PersistentVolumeClaim {claim}")
         }
+        many if many.iter().any(|p| matches!(p.from, From::Volume { .. } | From::Upload { .. })) => {
+            format!("capturing {} disks", many.len())
+        }
         many => format!("importing {} disks", many.len()),
     }
 }

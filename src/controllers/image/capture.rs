@@ -29,7 +29,7 @@ use super::{
     bytes::{From, Part},
 };
 use crate::{
-    api::{DeclaredFormat, Image, ImagePhase, conditions::Reason},
+    api::{DeclaredFormat, DiskRole, Image, ImagePhase, ImageType, conditions::Reason},
     controllers::Context,
     delivery::upload,
     import::{self, ImportError, Imported},
@@ -102,6 +102,125 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
     let root = PathBuf::from(root);
     let path = if block { root } else { root.join(DISK_FILE) };
     Ok(Part { role: None, from: From::Volume { claim: claim.to_string(), path, block } })
+}
+
+/// The KubeVirt VirtualMachine kind a capture reads (`kubevirt.io/v1`).
+fn virtual_machines() -> kube::core::ApiResource {
+    kube::core::ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: "VirtualMachine".into(),
+        plural: "virtualmachines".into(),
+    }
+}
+
+/// A stopped VirtualMachine of the image's namespace, resolved to the claims of its disks: for a
+/// FullServer every PersistentVolumeClaim and DataVolume disk (the boot disk first, as the
+/// System disk), for a SystemDisk the boot disk, for a DataDisk the disk `vm.disk`; or the step
+/// to show instead.
+pub(super) async fn resolve_server(
+    ctx: &Context,
+    image: &Image,
+    vm: &crate::api::VirtualMachineSource,
+) -> Result<Vec<Part>, Step> {
+    let namespace = image.namespace().unwrap_or_default();
+    let name = &vm.name;
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &virtual_machines());
+    let missing = || {
+        let message = format!(
+            "VirtualMachine {name} does not exist in namespace {namespace} (kubevirt.io/v1): create it, or correct spec.source.virtualMachine.name; the capture starts when it exists"
+        );
+        Shown::queued(Reason::VolumeNotFound, message, WAITING_RECHECK)
+    };
+    let found = match api.get_opt(name).await {
+        Ok(found) => found,
+        // No KubeVirt (the kind is not served): the same answer as a missing machine.
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => {
+            let message = format!("could not read VirtualMachine {name}: {e}; retrying");
+            return Err(Shown::queued(Reason::Capturing, message, WAITING_RECHECK));
+        }
+    };
+    let Some(found) = found else { return Err(missing()) };
+    if let Some(state) = running(&found.data) {
+        let message = format!(
+            "VirtualMachine {name} is {state}: stop it (virtctl stop {name}, or spec.runStrategy: Halted) and the capture starts; the disks of a running server would be captured inconsistent"
+        );
+        return Err(Shown::queued(Reason::ServerRunning, message, WAITING_RECHECK));
+    }
+    let disks = claim_disks(&found.data);
+    let failed =
+        |message: String| Shown::step(ImagePhase::Failed, Reason::CaptureFailed, message, Action::await_change());
+    let chosen: Vec<(Option<DiskRole>, String)> = match (image.spec.r#type, vm.disk.as_deref()) {
+        (ImageType::DataDisk, Some(disk)) => match disks.iter().find(|(d, _)| d == disk) {
+            Some((_, claim)) => vec![(None, claim.clone())],
+            None => {
+                return Err(failed(format!(
+                    "VirtualMachine {name} has no disk {disk} on a PersistentVolumeClaim or DataVolume: name one of {}",
+                    names(&disks)
+                )));
+            }
+        },
+        (ImageType::FullServer, _) => disks
+            .iter()
+            .enumerate()
+            .map(|(i, (_, claim))| (Some(if i == 0 { DiskRole::System } else { DiskRole::Data }), claim.clone()))
+            .collect(),
+        _ => disks.first().map(|(_, claim)| vec![(None, claim.clone())]).unwrap_or_default(),
+    };
+    if chosen.is_empty() {
+        return Err(failed(format!(
+            "VirtualMachine {name} has no disk on a PersistentVolumeClaim or DataVolume (containerDisk and cloud-init volumes are not captured)"
+        )));
+    }
+    let mut parts = Vec::with_capacity(chosen.len());
+    for (role, claim) in chosen {
+        let part = resolve(ctx, image, &claim).await?;
+        parts.push(Part { role, ..part });
+    }
+    Ok(parts)
+}
+
+/// How the VirtualMachine `vm` runs, when it is not stopped: its `runStrategy` or `running` asks
+/// for it, or its status says it is not `Stopped`.
+fn running(vm: &serde_json::Value) -> Option<String> {
+    let strategy = vm["spec"]["runStrategy"].as_str();
+    if vm["spec"]["running"].as_bool() == Some(true) || matches!(strategy, Some("Always" | "RerunOnFailure")) {
+        return Some("set to run".into());
+    }
+    match vm["status"]["printableStatus"].as_str() {
+        None | Some("Stopped") => None,
+        Some(status) => Some(format!("not stopped (status {status})")),
+    }
+}
+
+/// The disks of `vm` that are claims: (disk name, claim name), in device order with the boot
+/// disk (lowest `bootOrder`) first. A DataVolume's claim has the DataVolume's name.
+fn claim_disks(vm: &serde_json::Value) -> Vec<(String, String)> {
+    let template = &vm["spec"]["template"]["spec"];
+    let volumes = template["volumes"].as_array().cloned().unwrap_or_default();
+    let claim_of = |volume: &str| {
+        let v = volumes.iter().find(|v| v["name"].as_str() == Some(volume))?;
+        v["persistentVolumeClaim"]["claimName"].as_str().or(v["dataVolume"]["name"].as_str()).map(str::to_string)
+    };
+    let mut disks: Vec<(u64, String, String)> = template["domain"]["devices"]["disks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| {
+            let name = d["name"].as_str()?;
+            Some((d["bootOrder"].as_u64().unwrap_or(u64::MAX), name.to_string(), claim_of(name)?))
+        })
+        .collect();
+    disks.sort_by_key(|(order, _, _)| *order);
+    disks.into_iter().map(|(_, disk, claim)| (disk, claim)).collect()
+}
+
+fn names(disks: &[(String, String)]) -> String {
+    let names: Vec<&str> = disks.iter().map(|(d, _)| d.as_str()).collect();
+    if names.is_empty() { "(none)".into() } else { names.join(", ") }
 }
 
 /// The file a filesystem claim holds its disk in (KubeVirt's convention).

@@ -298,6 +298,10 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             Err(step) => step,
             Ok(part) => Move::into_region(store, vec![part], Reason::Capturing, limit_gib),
         },
+        Work::CaptureServer(vm) => match capture::resolve_server(ctx, image, &vm).await {
+            Err(step) => step,
+            Ok(parts) => Move::into_region(store, parts, Reason::Capturing, limit_gib),
+        },
         // The copy rules first, then the bytes of the image the copy names.
         Work::Copy(source) => match copy::plan(ctx, image, &source) {
             Err((phase, reason, message)) => {
@@ -464,6 +468,8 @@ enum Work {
     Copy(String),
     /// Captured from the PersistentVolumeClaim of this name.
     Capture(String),
+    /// Captured from the disks of a VirtualMachine.
+    CaptureServer(crate::api::VirtualMachineSource),
 }
 
 impl Work {
@@ -471,6 +477,9 @@ impl Work {
     fn of(image: &Image) -> Option<Work> {
         if let Some(volume) = &image.spec.source.volume {
             return Some(Work::Capture(volume.claim_name.clone()));
+        }
+        if let Some(vm) = &image.spec.source.virtual_machine {
+            return Some(Work::CaptureServer(vm.clone()));
         }
         match (&image.spec.source.copy, bytes::parts(&image.spec.source)) {
             (Some(copy), _) => Some(Work::Copy(copy.name.clone())),
