@@ -22,19 +22,25 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 #[derive(clap::Args, Debug, Clone)]
 pub struct MoverArgs {
     /// The file to send (a filesystem claim's `disk.img`).
-    #[arg(long, value_name = "PATH", required_unless_present = "device", conflicts_with = "device")]
+    #[arg(
+        long,
+        env = "IMS_MOVER_FILE",
+        value_name = "PATH",
+        required_unless_present = "device",
+        conflicts_with = "device"
+    )]
     pub file: Option<PathBuf>,
     /// The block device to send (a block claim's `volumeDevices` path).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "IMS_MOVER_DEVICE", value_name = "PATH")]
     pub device: Option<PathBuf>,
     /// The upload URL (`http(s)://<operator>/v1/uploads/...`).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, env = "IMS_MOVER_URL", value_name = "URL")]
     pub url: String,
     /// The file holding the one-time token (the Secret's `token`, mounted).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "IMS_MOVER_TOKEN_FILE", value_name = "FILE")]
     pub token_file: PathBuf,
     /// Where the reason of a failure is written (the pod's termination message).
-    #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+    #[arg(long, env = "IMS_TERMINATION_LOG", value_name = "FILE", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 
@@ -121,19 +127,25 @@ where
 #[derive(clap::Args, Debug, Clone)]
 pub struct RestoreArgs {
     /// The image's delivery URL (`status.location.url`, or a disk's).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, env = "IMS_RESTORE_URL", value_name = "URL")]
     pub url: String,
     /// Write to this file (created or truncated).
-    #[arg(long, value_name = "PATH", required_unless_present = "device", conflicts_with = "device")]
+    #[arg(
+        long,
+        env = "IMS_RESTORE_FILE",
+        value_name = "PATH",
+        required_unless_present = "device",
+        conflicts_with = "device"
+    )]
     pub file: Option<PathBuf>,
     /// Write to this block device (from its start; it must be at least as large as the image).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "IMS_RESTORE_DEVICE", value_name = "PATH")]
     pub device: Option<PathBuf>,
     /// `sha256:<hex>` the bytes must hash to (`status.location.checksum`): otherwise exit 1.
-    #[arg(long, value_name = "CHECKSUM")]
+    #[arg(long, env = "IMS_RESTORE_CHECKSUM", value_name = "CHECKSUM")]
     pub checksum: Option<String>,
     /// Where the reason of a failure is written (the pod's termination message).
-    #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+    #[arg(long, env = "IMS_TERMINATION_LOG", value_name = "FILE", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 

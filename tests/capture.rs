@@ -640,4 +640,85 @@ scenarios! {
         assert!(refused.to_string().contains("source.virtualMachine.disk names the disk of a DataDisk image"), "{refused}");
         remove_volumes(env, &[&pv_root, &pv_data]).await;
     }
+
+    async fn a_ready_snapshot_is_restored_into_a_temporary_claim_and_captured(env: &Env) {
+        let ns = env.namespace("cap-snap").await;
+        let r = format!("{ns}-r");
+        let disks = tempfile::tempdir().unwrap();
+        let raw: Vec<u8> = (0..1_200_000u32).map(|i| (i * 11 % 239) as u8).collect();
+        std::fs::write(disks.path().join("restored.raw"), &raw).unwrap();
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &ns);
+        // The snapshot's source: a block claim (its mode and class go to the restored claim).
+        apply(&pvcs, claim("db-root", None, true)).await;
+        let snapshots: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            env.client.clone(),
+            &ns,
+            &kube::core::ApiResource::from_gvk_with_plural(
+                &kube::core::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+                "volumesnapshots",
+            ),
+        );
+        apply(&snapshots, json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "db-nightly"}, "spec": {"source": {"persistentVolumeClaimName": "db-root"}}})).await;
+        region(env, &r).await;
+        env.start_operator();
+        let images: Api<Image> = Api::namespaced(env.client.clone(), &ns);
+        let from_snapshot = |name: &str, snapshot: &str| {
+            json!({"apiVersion": "ims.io/v1alpha1", "kind": "Image", "metadata": {"name": name},
+                "spec": {"region": r, "type": "DataDisk", "source": {"volumeSnapshot": {"name": snapshot}}}})
+        };
+        apply(&images, from_snapshot("db-backup", "db-nightly")).await;
+        apply(&images, from_snapshot("nothing", "no-such-snapshot")).await;
+        let missing = env.wait_for(&images, "nothing", reason_is("VolumeNotFound")).await.unwrap();
+        assert!(message_of(&missing).contains("VolumeSnapshot no-such-snapshot does not exist"), "{}", message_of(&missing));
+        let not_ready = env
+            .wait_for(&images, "db-backup", |i: Option<&Image>| message_of(i.unwrap()).contains("not ready to use yet"))
+            .await
+            .unwrap();
+        assert_eq!(phase_of(&not_ready), "Queued");
+
+        // Ready: the operator restores it into a claim of its own.
+        let ready = json!({"status": {"readyToUse": true, "restoreSize": "1Gi"}});
+        snapshots.patch_status("db-nightly", &PatchParams::default(), &Patch::Merge(&ready)).await.unwrap();
+        let uid = not_ready.metadata.uid.clone().unwrap();
+        let temporary = format!("ims-capture-{uid}");
+        let mut restored = None;
+        for _ in 0..300 {
+            restored = pvcs.get_opt(&temporary).await.unwrap();
+            if restored.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let restored = restored.expect("the temporary claim");
+        let spec = restored.spec.clone().unwrap();
+        let source = spec.data_source.unwrap();
+        assert_eq!((source.kind.as_str(), source.name.as_str()), ("VolumeSnapshot", "db-nightly"));
+        assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
+        let owners = restored.metadata.owner_references.unwrap();
+        assert!(owners.iter().any(|o| o.kind == "Image" && o.uid == uid), "{owners:?}");
+        // Playing the provisioner: a volume holding the restored bytes, bound to that claim.
+        let pv = format!("{ns}-restored");
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        apply(&pvs, volume(&pv, &disks.path().join("restored.raw"), true, false, &ns, &temporary)).await;
+        let bind = json!({"spec": {"volumeName": pv}});
+        pvcs.patch(&temporary, &PatchParams::default(), &Patch::Merge(&bind)).await.unwrap();
+        let active = env.wait_for(&images, "db-backup", reason_is("Active")).await.unwrap();
+        assert_eq!(active.status.unwrap().checksum.unwrap().sha256, sha256(&raw));
+        // The temporary claim goes when the capture ends.
+        let mut deleted = false;
+        for _ in 0..300 {
+            match pvcs.get_opt(&temporary).await.unwrap() {
+                None => deleted = true,
+                Some(c) if c.metadata.deletion_timestamp.is_some() => deleted = true,
+                Some(_) => {}
+            }
+            if deleted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(deleted, "the temporary claim is deleted");
+        remove_volumes(env, &[&pv]).await;
+    }
 }

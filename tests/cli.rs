@@ -254,7 +254,9 @@ fn local_settles_the_examples_with_real_bytes() {
     assert!(row.contains("Active"), "{table}");
     // Every example image settles offline, the FullServer and the ISO included.
     let images: Vec<&str> = table.lines().filter(|l| l.starts_with("Image ")).collect();
-    assert_eq!(images.len(), 12, "{table}");
+    assert_eq!(images.len(), 13, "{table}");
+    // The backup of a server disk (a claim bound to a local file) is captured too.
+    assert!(images.iter().any(|l| l.contains("web-1-backup") && l.contains("Active")), "{table}");
     assert!(images.iter().all(|l| l.contains("Active")), "{table}");
     assert!(
         table.lines().any(|l| l.starts_with("Region") && l.contains("eu-west") && l.contains("StoreReady")),

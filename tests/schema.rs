@@ -223,7 +223,7 @@ fn real_crds_answer_like_kube_apiserver() {
             Some(image()),
             with(image(), &[("spec.source", Some(json!({"copy": {"name": "other"}})))]),
             &[
-                r#"spec.source: Invalid value: the kind of source (url, disks, image, copy, volume or virtualMachine) is immutable: create a new Image instead"#,
+                r#"spec.source: Invalid value: the kind of source (url, disks, image, copy, volume, volumeSnapshot or virtualMachine) is immutable: create a new Image instead"#,
             ],
         ),
         case(
@@ -232,7 +232,7 @@ fn real_crds_answer_like_kube_apiserver() {
             None,
             with(image(), &[("spec.source.image", Some(json!({"namespace": "platform", "name": "ubuntu"})))]),
             &[
-                r#"spec.source: Invalid value: exactly one of source.url, source.disks, source.image, source.copy, source.volume or source.virtualMachine must be set"#,
+                r#"spec.source: Invalid value: exactly one of source.url, source.disks, source.image, source.copy, source.volume, source.volumeSnapshot or source.virtualMachine must be set"#,
             ],
         ),
         case(
@@ -241,7 +241,7 @@ fn real_crds_answer_like_kube_apiserver() {
             None,
             with(image(), &[("spec.source", Some(json!({})))]),
             &[
-                r#"spec.source: Invalid value: exactly one of source.url, source.disks, source.image, source.copy, source.volume or source.virtualMachine must be set"#,
+                r#"spec.source: Invalid value: exactly one of source.url, source.disks, source.image, source.copy, source.volume, source.volumeSnapshot or source.virtualMachine must be set"#,
             ],
         ),
         case(

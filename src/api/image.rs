@@ -52,6 +52,9 @@ pub const CLEANUP_FINALIZER: &str = "ims.io/cleanup";
     validation = Rule::new("!has(self.source.volume) || !has(self.type) || self.type in ['SystemDisk', 'DataDisk']")
         .message("source.volume captures one disk, for a SystemDisk or DataDisk image: set type to one of them (a FullServer needs every disk of a server)")
         .field_path(".source.volume"),
+    validation = Rule::new("!has(self.source.volumeSnapshot) || !has(self.type) || self.type in ['SystemDisk', 'DataDisk']")
+        .message("source.volumeSnapshot captures one disk, for a SystemDisk or DataDisk image: set type to one of them")
+        .field_path(".source.volumeSnapshot"),
     validation = Rule::new("!has(self.source.virtualMachine) || !has(self.type) || self.type != 'ISO'")
         .message("source.virtualMachine captures disks, not an ISO: set type to SystemDisk, DataDisk or FullServer")
         .field_path(".source.virtualMachine"),
@@ -140,8 +143,8 @@ pub struct ImageSpec {
     /// completes (the finalizer waits, with reason `Protected`). Set false to allow deletion.
     #[serde(default)]
     pub protected: bool,
-    /// Where the image's bytes come from: exactly one of `url`, `disks`, `image` or `copy`.
-    /// The kind of source is immutable.
+    /// Where the image's bytes come from: exactly one of `url`, `disks`, `image`, `copy`,
+    /// `volume`, `volumeSnapshot` or `virtualMachine`. The kind of source is immutable.
     pub source: ImageSource,
 }
 
@@ -279,10 +282,10 @@ pub struct Encryption {
 /// Where an image's bytes come from: exactly one variant.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
-    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) + (has(self.volume) ? 1 : 0) + (has(self.virtualMachine) ? 1 : 0) == 1")
-        .message("exactly one of source.url, source.disks, source.image, source.copy, source.volume or source.virtualMachine must be set"),
-    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy) && has(self.volume) == has(oldSelf.volume) && has(self.virtualMachine) == has(oldSelf.virtualMachine)")
-        .message("the kind of source (url, disks, image, copy, volume or virtualMachine) is immutable: create a new Image instead")
+    validation = Rule::new("(has(self.url) ? 1 : 0) + (has(self.disks) ? 1 : 0) + (has(self.image) ? 1 : 0) + (has(self.copy) ? 1 : 0) + (has(self.volume) ? 1 : 0) + (has(self.volumeSnapshot) ? 1 : 0) + (has(self.virtualMachine) ? 1 : 0) == 1")
+        .message("exactly one of source.url, source.disks, source.image, source.copy, source.volume, source.volumeSnapshot or source.virtualMachine must be set"),
+    validation = Rule::new("has(self.url) == has(oldSelf.url) && has(self.disks) == has(oldSelf.disks) && has(self.image) == has(oldSelf.image) && has(self.copy) == has(oldSelf.copy) && has(self.volume) == has(oldSelf.volume) && has(self.volumeSnapshot) == has(oldSelf.volumeSnapshot) && has(self.virtualMachine) == has(oldSelf.virtualMachine)")
+        .message("the kind of source (url, disks, image, copy, volume, volumeSnapshot or virtualMachine) is immutable: create a new Image instead")
 )]
 pub struct ImageSource {
     /// Import one image file from a URL.
@@ -306,11 +309,24 @@ pub struct ImageSource {
     /// images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeSource>,
+    /// Capture a CSI VolumeSnapshot (`snapshot.storage.k8s.io/v1`) of this namespace: it is
+    /// restored into a temporary claim (owned by the Image, deleted when the capture ends), which
+    /// is captured like `volume`. For `SystemDisk` and `DataDisk` images.
+    #[serde(default, rename = "volumeSnapshot", skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<VolumeSnapshotSource>,
     /// Capture a stopped KubeVirt VirtualMachine (`kubevirt.io/v1`) of this namespace: for
     /// `FullServer`, every PersistentVolumeClaim and DataVolume disk (the boot disk is the
     /// `System` disk); for `SystemDisk`, the boot disk; for `DataDisk`, the disk named `disk`.
     #[serde(default, rename = "virtualMachine", skip_serializing_if = "Option::is_none")]
     pub virtual_machine: Option<VirtualMachineSource>,
+}
+
+/// A VolumeSnapshot to capture.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VolumeSnapshotSource {
+    /// Name of the VolumeSnapshot, in the image's namespace (never another's).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// A KubeVirt VirtualMachine to capture.

@@ -104,6 +104,112 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
     Ok(Part { role: None, from: From::Volume { claim: claim.to_string(), path, block } })
 }
 
+/// The CSI VolumeSnapshot kind a capture reads (`snapshot.storage.k8s.io/v1`).
+fn volume_snapshots() -> kube::core::ApiResource {
+    kube::core::ApiResource {
+        group: "snapshot.storage.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "snapshot.storage.k8s.io/v1".into(),
+        kind: "VolumeSnapshot".into(),
+        plural: "volumesnapshots".into(),
+    }
+}
+
+/// The temporary claim a VolumeSnapshot of `image` is restored into.
+fn restored_claim(image: &Image) -> String {
+    format!("ims-capture-{}", image.uid().unwrap_or_default())
+}
+
+/// A ready VolumeSnapshot of the image's namespace, restored into a temporary claim (made here
+/// when missing: the snapshot's source claim's class, mode and access modes, its
+/// `restoreSize`, owned by the Image) and resolved as that claim; or the step to show instead
+/// (Queued while the snapshot is not ready or the claim not bound).
+pub(super) async fn resolve_snapshot(ctx: &Context, image: &Image, name: &str) -> Result<Part, Step> {
+    let namespace = image.namespace().unwrap_or_default();
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &volume_snapshots());
+    let retry = |what: &str, e: kube::Error| {
+        let message = format!("could not {what} to capture VolumeSnapshot {name}: {e}; retrying");
+        Shown::queued(Reason::Capturing, message, WAITING_RECHECK)
+    };
+    let found = match api.get_opt(name).await {
+        Ok(found) => found,
+        // No snapshot support (the kind is not served): the same answer as a missing snapshot.
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => return Err(retry("read it", e)),
+    };
+    let Some(snapshot) = found else {
+        let message = format!(
+            "VolumeSnapshot {name} does not exist in namespace {namespace} (snapshot.storage.k8s.io/v1): create it, or correct spec.source.volumeSnapshot.name; the capture starts when it exists"
+        );
+        return Err(Shown::queued(Reason::VolumeNotFound, message, WAITING_RECHECK));
+    };
+    let status = &snapshot.data["status"];
+    if let Some(error) = status["error"]["message"].as_str() {
+        let message = format!("VolumeSnapshot {name} failed: {error}");
+        return Err(Shown::step(ImagePhase::Failed, Reason::CaptureFailed, message, Action::await_change()));
+    }
+    if status["readyToUse"].as_bool() != Some(true) {
+        let message = format!("VolumeSnapshot {name} is not ready to use yet: the capture starts when it is");
+        return Err(Shown::queued(Reason::Capturing, message, WAITING_RECHECK));
+    }
+    let claim = restored_claim(image);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    if claims.get_opt(&claim).await.map_err(|e| retry("read its temporary claim", e))?.is_none() {
+        let source = snapshot.data["spec"]["source"]["persistentVolumeClaimName"].as_str();
+        let source = match source {
+            Some(source) => claims.get_opt(source).await.map_err(|e| retry("read its source claim", e))?,
+            None => None,
+        };
+        let spec = source.and_then(|c| c.spec).unwrap_or_default();
+        let size = status["restoreSize"].as_str().unwrap_or("1Gi");
+        let mut restored = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace, "labels": labels(image), "ownerReferences": [owner(image)]},
+            "spec": {
+                "accessModes": spec.access_modes.unwrap_or_else(|| vec!["ReadWriteOnce".into()]),
+                "volumeMode": spec.volume_mode.unwrap_or_else(|| "Filesystem".into()),
+                "resources": {"requests": {"storage": size}},
+                "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": name},
+            },
+        });
+        if let Some(class) = spec.storage_class_name {
+            restored["spec"]["storageClassName"] = class.into();
+        }
+        let restored: PersistentVolumeClaim = serde_json::from_value(restored).expect("a claim");
+        let params = PostParams { field_manager: Some(super::MANAGER.into()), ..Default::default() };
+        match claims.create(&params, &restored).await {
+            Ok(_) => tracing::info!(claim = %claim, snapshot = name, "restoring the snapshot into a temporary claim"),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(retry("create its temporary claim", e)),
+        }
+    }
+    match resolve(ctx, image, &claim).await {
+        Ok(part) => Ok(part),
+        Err(Step::Show(Shown { phase: ImagePhase::Queued, .. })) => {
+            let message = format!(
+                "VolumeSnapshot {name} is being restored into the temporary claim {claim}: the capture starts when it is bound"
+            );
+            Err(Shown::queued(Reason::Capturing, message, WAITING_RECHECK))
+        }
+        Err(step) => {
+            remove_restored(ctx, image).await;
+            Err(step)
+        }
+    }
+}
+
+/// Deletes the temporary claim of a snapshot capture, if it is there.
+pub(super) async fn remove_restored(ctx: &Context, image: &Image) {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &image.namespace().unwrap_or_default());
+    match claims.delete(&restored_claim(image), &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => tracing::warn!(error = %e, "could not delete a snapshot's temporary claim"),
+    }
+}
+
 /// The KubeVirt VirtualMachine kind a capture reads (`kubevirt.io/v1`).
 fn virtual_machines() -> kube::core::ApiResource {
     kube::core::ApiResource {

@@ -298,6 +298,10 @@ async fn decide(ctx: &Context, image: &Image, work: Work) -> Step {
             Err(step) => step,
             Ok(part) => Move::into_region(store, vec![part], Reason::Capturing, limit_gib),
         },
+        Work::CaptureSnapshot(snapshot) => match capture::resolve_snapshot(ctx, image, &snapshot).await {
+            Err(step) => step,
+            Ok(part) => Move::into_region(store, vec![part], Reason::Capturing, limit_gib),
+        },
         Work::CaptureServer(vm) => match capture::resolve_server(ctx, image, &vm).await {
             Err(step) => step,
             Ok(parts) => Move::into_region(store, parts, Reason::Capturing, limit_gib),
@@ -457,7 +461,12 @@ async fn start(ctx: &Context, api: &Api<Image>, image: &Image, job: Move) -> Res
     write(ctx, api, image, &saving).await?;
     let moving = bytes::Job { parts: &job.parts, saving, limit_gib: job.limit_gib, known_total: job.known_total };
     let moved = bytes::move_all(ctx, api, image, &job.store, &moving).await;
-    bytes::settle(ctx, api, image, &job.store, &moving, moved).await
+    let settled = bytes::settle(ctx, api, image, &job.store, &moving, moved).await;
+    if image.spec.source.volume_snapshot.is_some() {
+        // The snapshot's temporary claim served its purpose, whatever came of it.
+        capture::remove_restored(ctx, image).await;
+    }
+    settled
 }
 
 /// What an owned image's bytes come from.
@@ -468,6 +477,8 @@ enum Work {
     Copy(String),
     /// Captured from the PersistentVolumeClaim of this name.
     Capture(String),
+    /// Captured from a VolumeSnapshot of this name (restored into a temporary claim).
+    CaptureSnapshot(String),
     /// Captured from the disks of a VirtualMachine.
     CaptureServer(crate::api::VirtualMachineSource),
 }
@@ -477,6 +488,9 @@ impl Work {
     fn of(image: &Image) -> Option<Work> {
         if let Some(volume) = &image.spec.source.volume {
             return Some(Work::Capture(volume.claim_name.clone()));
+        }
+        if let Some(snapshot) = &image.spec.source.volume_snapshot {
+            return Some(Work::CaptureSnapshot(snapshot.name.clone()));
         }
         if let Some(vm) = &image.spec.source.virtual_machine {
             return Some(Work::CaptureServer(vm.clone()));
