@@ -106,13 +106,8 @@ pub(super) async fn resolve(ctx: &Context, image: &Image, claim: &str) -> Result
 
 /// The CSI VolumeSnapshot kind a capture reads (`snapshot.storage.k8s.io/v1`).
 fn volume_snapshots() -> kube::core::ApiResource {
-    kube::core::ApiResource {
-        group: "snapshot.storage.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "snapshot.storage.k8s.io/v1".into(),
-        kind: "VolumeSnapshot".into(),
-        plural: "volumesnapshots".into(),
-    }
+    let gvk = kube::core::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    kube::core::ApiResource::from_gvk_with_plural(&gvk, "volumesnapshots")
 }
 
 /// The temporary claim a VolumeSnapshot of `image` is restored into.
@@ -212,13 +207,8 @@ pub(super) async fn remove_restored(ctx: &Context, image: &Image) {
 
 /// The KubeVirt VirtualMachine kind a capture reads (`kubevirt.io/v1`).
 fn virtual_machines() -> kube::core::ApiResource {
-    kube::core::ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: "VirtualMachine".into(),
-        plural: "virtualmachines".into(),
-    }
+    let gvk = kube::core::GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine");
+    kube::core::ApiResource::from_gvk_with_plural(&gvk, "virtualmachines")
 }
 
 /// A stopped VirtualMachine of the image's namespace, resolved to the claims of its disks: for a
