@@ -297,8 +297,9 @@ scenarios! {
         let location = status.location.unwrap();
         let prefix = format!("regions/{region_name}/{ns}/disk/{uid}/");
         assert_eq!(location.checksum, format!("sha256:{digest}"));
-        // The image server streams the object from the bucket, whole or a range.
-        let (code, _, served) = support::http_get(&location.url, &[]).await;
+        // The image server streams the object from the bucket, whole or a range (once the
+        // operator's cache, which may lag this client's, has the image Active).
+        let (code, _, served) = support::http_get_active(&location.url, &[]).await;
         assert_eq!(code, 200, "{}", location.url);
         assert!(served == source, "the image server serves the bucket's bytes");
         let (code, headers, part) = support::http_get(&location.url, &[("Range", "bytes=100-1099")]).await;
