@@ -13,10 +13,10 @@ use std::{
     path::PathBuf,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncSeekExt;
 
 /// Flags of `mover`.
 #[derive(clap::Args, Debug, Clone)]
@@ -72,7 +72,7 @@ async fn send(args: &MoverArgs) -> Result<(), String> {
         let shown = shown.clone();
         async move {
             let mut file = state?;
-            match read_chunk(&mut file).await {
+            match crate::fetch::read_chunk_of(&mut file, CHUNK).await {
                 Ok(chunk) if chunk.is_empty() => None,
                 Ok(chunk) => Some((Ok(Frame::data(chunk)), Some(file))),
                 Err(e) => Some((Err(io::Error::other(format!("reading {shown}: {e}"))), None)),
@@ -214,15 +214,4 @@ async fn terminate(log: &std::path::Path, why: &str) {
     if let Err(e) = tokio::fs::write(log, &why[..end]).await {
         tracing::warn!(path = %log.display(), error = %e, "could not write the termination log");
     }
-}
-
-async fn read_chunk(file: &mut tokio::fs::File) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
-    while buf.len() < CHUNK {
-        let mut limited = (&mut *file).take((CHUNK - buf.len()) as u64);
-        if limited.read_buf(&mut buf).await? == 0 {
-            break;
-        }
-    }
-    Ok(buf.freeze())
 }

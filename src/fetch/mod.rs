@@ -985,9 +985,14 @@ async fn open_file(url: &str, policy: &FetchPolicy) -> Result<Source, FetchError
 
 /// Reads up to [`FILE_CHUNK_SIZE`] bytes; shorter only at end of file.
 async fn read_chunk(file: &mut tokio::fs::File) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(FILE_CHUNK_SIZE);
-    while buf.len() < FILE_CHUNK_SIZE {
-        let mut limited = (&mut *file).take((FILE_CHUNK_SIZE - buf.len()) as u64);
+    read_chunk_of(file, FILE_CHUNK_SIZE).await
+}
+
+/// The next `size` bytes of `file` (fewer only at its end; empty there).
+pub(crate) async fn read_chunk_of(file: &mut tokio::fs::File, size: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(size);
+    while buf.len() < size {
+        let mut limited = (&mut *file).take((size - buf.len()) as u64);
         if limited.read_buf(&mut buf).await? == 0 {
             break;
         }

@@ -424,14 +424,21 @@ pub(super) async fn upload(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    // What an interrupted attempt left (its token is void: the registration is new).
-    remove(&jobs, &secrets, &name).await?;
     let retry = |what: &str, e: kube::Error| {
         ImportError::CaptureRetry(format!("could not create the mover {what} {name}: {e}"))
     };
     let params = PostParams { field_manager: Some(super::MANAGER.into()), ..Default::default() };
     let spec = mover_job(image, &name, &up, &format!("{}{path}", mover.upload_base_url), mover);
-    let job = jobs.create(&params, &spec).await.map_err(|e| retry("Job", e))?;
+    let job = match jobs.create(&params, &spec).await {
+        Ok(job) => job,
+        // What an interrupted attempt left (its token is void: the registration is new): only
+        // then are two deletes spent.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            remove(&jobs, &secrets, &name).await?;
+            jobs.create(&params, &spec).await.map_err(|e| retry("Job", e))?
+        }
+        Err(e) => return Err(retry("Job", e)),
+    };
     let secret = token_secret(image, &job, &name, &token);
     if let Err(e) = secrets.create(&params, &secret).await {
         let _ = remove(&jobs, &secrets, &name).await;
